@@ -1,0 +1,3 @@
+from patchmine.cli import main
+
+raise SystemExit(main())
