@@ -1,0 +1,206 @@
+"""The ``patchmine`` command line: a thin layer over the Python API.
+
+Exit status: 0 success, 2 bad usage (one line on stderr), 1 internal failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from patchmine.errors import UsageError
+
+__all__ = ["main"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _nonneg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", help="torchvision name, efficientnet_lite0, or file.py:factory")
+    else:
+        p.add_argument("--model", "-m", default=None, help="model (default: efficientnet_lite0)")
+    p.add_argument("--weights", "-w", default=None, help="DEFAULT, a weights name, none, or a path")
+    p.add_argument("--input-size", type=_positive, default=224, help="input side S (default 224)")
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from patchmine.models import load_model
+    from patchmine.receptive import receptive_fields
+    from patchmine.taps import node_shapes
+
+    lm = load_model(args.model, args.weights, args.input_size)
+    shapes = node_shapes(lm.module, args.input_size)
+    fields = receptive_fields(lm.module, args.input_size, list(shapes))
+    rows = [("node", "output (C,H,W)", "rf size", "stride", "offset")]
+    for name, shape in shapes.items():
+        f = fields[name]
+        out = "(" + ",".join(str(s) for s in shape) + ")"
+
+        def pair(v: tuple[int, int]) -> str:
+            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+        if f.whole:
+            rows.append((name, out, "whole", "-", "-"))
+        else:
+            rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print(f"# {lm.name}  weights={lm.weights}  input={args.input_size}x{args.input_size}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from patchmine.mine import mine
+
+    try:
+        summary = mine(
+            args.corpus, args.out, model=args.model, weights=args.weights, layers=args.layers,
+            k=args.k, per_image=args.per_image, input_size=args.input_size,
+            batch_size=args.batch_size, workers=args.workers, device=args.device,
+            resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
+            force=args.force, progress=not args.quiet, patch_size=args.patch_size,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"patchmine mine: interrupted; the run so far is saved in {args.out}.ckpt. "
+            "Continue it with the same command plus --resume",
+            file=sys.stderr,
+        )
+        return 130
+    if not args.quiet:
+        print(summary)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from patchmine.store import open_result
+
+    with open_result(args.file) as r:
+        a = r.attrs
+        print(f"{r.path}: patchmine result, schema version {a['version']}")
+        print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}")
+        print(f"  top-k      k={a['k']}  per_image={a['per_image']}")
+        print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
+              + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
+                          else [a["corpus_roots"]]))
+        if "shard" in a:
+            print(f"  shard      {a['shard'][0]}/{a['shard'][1]}")
+        print(f"  made       {a['created_utc']} by patchmine {a['patchmine_version']}, "
+              f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
+        print("  layers")
+        for name in r.layers:
+            lr = r.layer(name)
+            la = lr.attrs
+            fh = "x".join(str(v) for v in la["fmap_hw"])
+            rf = "whole input" if la.get("rf_whole") else (
+                f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
+            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px")
+        fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
+                                            strict=True) if not ok]
+        for p, e in fails[:10]:
+            print(f"  unreadable {p}: {e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchmine",
+        description="What each channel of a CNN responds to: top-k activations with their "
+        "receptive-field patches, stored in HDF5, rendered as montages.",
+    )
+    from patchmine import __version__
+
+    parser.add_argument("--version", action="version", version=f"patchmine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("layers", help="list a model's nodes with shapes and receptive fields")
+    _model_args(p, positional=True)
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("mine", help="mine a corpus into an HDF5 result file")
+    p.add_argument("corpus", nargs="+", help="image folders and/or text files listing images")
+    p.add_argument("--out", "-o", required=True, help="result file (.h5)")
+    _model_args(p)
+    p.add_argument("--layers", "-l", type=_csv, default=None,
+                   help="comma-separated node names (default: the last node of each map size)")
+    p.add_argument("-k", type=_positive, default=9, help="entries per channel (default 9)")
+    p.add_argument("--per-image", type=_positive, default=1,
+                   help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)")
+    p.add_argument("--batch-size", "-b", type=_positive, default=32)
+    p.add_argument("--workers", "-j", type=_nonneg, default=None,
+                   help="decoding worker processes (default: cores - 1, at most 4)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--patch-size", type=_positive, default=96,
+                   help="largest stored patch side; larger fields are resampled (default 96)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
+                   help="save progress every N batches (default 50; 0 never)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="mine only slice I of N (merge the shard files with `patchmine merge`)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("info", help="what a result file holds")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UsageError as e:
+        print(f"patchmine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"patchmine {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback on request
+        if os.environ.get("PATCHMINE_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"patchmine {args.command}: internal error: {type(e).__name__}: {e} "
+            "(set PATCHMINE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
