@@ -1,0 +1,497 @@
+"""Montages, overlays, overview, context views and the HTML gallery, on a synthetic result."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchmine import render as R
+from patchmine import store
+from patchmine.corpus import preprocess
+from patchmine.errors import UsageError
+
+S = 32  # model input side
+SIZE, STRIDE, OFFSET = 11, 4, -2  # receptive field of the spatial layer
+FMAP = 8
+K = 9
+C_SPATIAL = 5
+DEAD = 3  # dead channel of the spatial layer
+C_WHOLE = 4
+P_WHOLE = 16
+MEAN = (0.485, 0.456, 0.406)
+
+
+def _image(rng: np.random.Generator, h: int, w: int, i: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [
+            127 + 120 * np.sin(xx / (3 + i % 5) + i),
+            127 + 120 * np.cos(yy / (4 + i % 3) - i),
+            (xx * 7 + yy * 3 + 40 * i) % 256,
+        ],
+        axis=-1,
+    )
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_result(tmp: Path, n_images: int = 12, remove: tuple[int, ...] = ()) -> Path:
+    """A result file with a spatial layer ``conv`` (5 channels, one dead) and a whole-input layer
+    ``fc`` (N, C); its images are real files under ``tmp/corpus`` (those in ``remove`` deleted)."""
+    rng = np.random.default_rng(0)
+    root = tmp / "corpus"
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    paths, shapes, transforms, inputs = [], [], [], []
+    for i in range(n_images):
+        h, w = [(40, 56), (48, 48), (64, 40), (32, 32)][i % 4]
+        rel = f"sub/img_{i:03d}.png" if i % 2 else f"img_{i:03d}.jpg"
+        if i == 5:
+            rel = 'sub/we<i>rd & "q".png'  # must come out escaped in the HTML
+        arr = _image(rng, h, w, i)
+        Image.fromarray(arr).save(root / rel, quality=95)
+        # preprocess what the file decodes to, like the corpus loader
+        pix, tr = preprocess(Image.open(root / rel).convert("RGB"), S)
+        paths.append(rel)
+        shapes.append((h, w))
+        transforms.append(tr)
+        inputs.append(pix)
+    inputs = np.stack(inputs)
+    transforms = np.asarray(transforms, dtype=np.float32)
+    fill = np.array([round(m * 255) for m in MEAN], dtype=np.uint8)
+
+    def crop(img: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        out[:] = fill
+        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, S), min(x1, S)
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = inputs[img, sy0:sy1, sx0:sx1]
+        return out
+
+    def orig(b: np.ndarray, img: int) -> np.ndarray:
+        sc, oy, ox = transforms[img]
+        return (b + np.array([oy, ox, oy, ox])) / sc
+
+    # spatial layer: per channel k distinct images, a smooth bump of activation at yx
+    c, k = C_SPATIAL, K
+    score = np.full((c, k), np.nan, np.float32)
+    image = np.full((c, k), -1, np.int64)
+    yx = np.zeros((c, k, 2), np.int32)
+    box = np.zeros((c, k, 4), np.int32)
+    box_orig = np.full((c, k, 4), np.nan, np.float32)
+    patch = np.zeros((c, k, SIZE, SIZE, 3), np.uint8)
+    heat = np.zeros((c, k, FMAP, FMAP), np.float16)
+    gy, gx = np.mgrid[0:FMAP, 0:FMAP]
+    for ch in range(c):
+        if ch == DEAD:
+            continue
+        imgs = rng.permutation(n_images)[:k]
+        scores = np.sort(rng.uniform(1, 10, k))[::-1]
+        for s in range(k):
+            y, x = int(rng.integers(0, FMAP)), int(rng.integers(0, FMAP))
+            if ch == 0 and s == 0:
+                y, x = 0, 0  # a corner box, partly outside the input
+            b = np.array([y * STRIDE + OFFSET, x * STRIDE + OFFSET,
+                          y * STRIDE + OFFSET + SIZE, x * STRIDE + OFFSET + SIZE])
+            score[ch, s], image[ch, s], yx[ch, s] = scores[s], imgs[s], (y, x)
+            box[ch, s] = b
+            box_orig[ch, s] = orig(b, imgs[s])
+            patch[ch, s] = crop(imgs[s], *b)
+            heat[ch, s] = scores[s] * np.exp(-((gy - y) ** 2 + (gx - x) ** 2) / 2.0)
+    if True:  # channel 4 keeps only 5 entries: 4 unused slots
+        score[4, 5:], image[4, 5:], box_orig[4, 5:] = np.nan, -1, np.nan
+    mx = np.nan_to_num(score[:, 0], nan=0.0)
+    qs = np.array([0.5, 0.99, 0.995], np.float32)
+    quant = np.stack([mx * 0.1, mx * 0.5, mx * 0.6], axis=1).astype(np.float32)
+    spatial = store.LayerData(
+        attrs={"channels": c, "fmap_hw": [FMAP, FMAP], "rf_size": [SIZE, SIZE],
+               "rf_stride": [STRIDE, STRIDE], "rf_offset": [OFFSET, OFFSET], "rf_whole": False,
+               "patch_size": SIZE},
+        score=score, image=image, yx=yx, box=box, box_orig=box_orig, patch=patch, heat=heat,
+        stats={"count": np.full(c, n_images * FMAP * FMAP, np.int64),
+               "mean": (mx * 0.05).astype(np.float32), "std": np.ones(c, np.float32),
+               "max": mx.astype(np.float32), "quantile": quant, "q": qs},
+    )
+    # whole-input layer (N, C): the patch is the whole input resampled
+    c2 = C_WHOLE
+    score2 = np.zeros((c2, k), np.float32)
+    image2 = np.zeros((c2, k), np.int64)
+    whole = np.array([0, 0, S, S], np.int32)
+    box2 = np.broadcast_to(whole, (c2, k, 4)).copy()
+    box_orig2 = np.zeros((c2, k, 4), np.float32)
+    patch2 = np.zeros((c2, k, P_WHOLE, P_WHOLE, 3), np.uint8)
+    for ch in range(c2):
+        imgs = rng.permutation(n_images)[:k]
+        score2[ch] = np.sort(rng.normal(0, 3, k))[::-1]
+        image2[ch] = imgs
+        for s in range(k):
+            box_orig2[ch, s] = orig(whole, imgs[s])
+            patch2[ch, s] = np.asarray(
+                Image.fromarray(inputs[imgs[s]]).resize((P_WHOLE, P_WHOLE), Image.BILINEAR))
+    fc = store.LayerData(
+        attrs={"channels": c2, "fmap_hw": [1, 1], "rf_size": [S, S], "rf_stride": [1, 1],
+               "rf_offset": [0, 0], "rf_whole": True, "patch_size": P_WHOLE},
+        score=score2, image=image2, yx=np.zeros((c2, k, 2), np.int32), box=box2,
+        box_orig=box_orig2, patch=patch2, heat=score2.reshape(c2, k, 1, 1).astype(np.float16),
+        stats={"count": np.full(c2, n_images, np.int64), "mean": np.zeros(c2, np.float32),
+               "std": np.ones(c2, np.float32), "max": score2[:, 0].copy(),
+               "quantile": np.stack([score2[:, 0]] * 3, 1), "q": qs},
+    )
+    attrs = {"model": "synthetic", "weights": "none", "input_size": S, "mean": list(MEAN),
+             "std": [0.229, 0.224, 0.225], "k": k, "per_image": 1, "n_images": n_images,
+             "n_failed": 0, "created_utc": "2024-01-01T00:00:00Z", "patchmine_version": "0",
+             "torch_version": "0", "torchvision_version": "0", "corpus_roots": [str(root)],
+             "layer_order": ["conv", "fc"]}
+    images = {"path": paths, "root": np.zeros(n_images, np.int16), "shape": np.array(shapes),
+              "ok": np.ones(n_images, bool), "transform": transforms, "error": [""] * n_images}
+    out = store.write_result(tmp / "result.h5", attrs, images, {"conv": spatial, "fc": fc})
+    for i in remove:
+        (root / paths[i]).unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
+def result_file(tmp_path_factory) -> Path:
+    return make_result(tmp_path_factory.mktemp("render"))
+
+
+@pytest.fixture()
+def result(result_file):
+    with store.open_result(result_file) as r:
+        yield r
+
+
+def _arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def _region(a: np.ndarray, box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return a[y0:y1, x0:x1]
+
+
+# ---------------------------------------------------------------------------------------------
+# montage
+
+
+def test_montage_geometry_3x3(result):
+    layer = result.layer("conv")
+    im = R.montage(layer, 0)
+    g = R.montage_grid(K, SIZE)
+    assert (g.cols, g.rows) == (3, 3)
+    assert im.size == g.size
+    assert g.tile >= 96 and g.tile % SIZE == 0  # integer upscale of the 11 px patch
+    a = _arr(im)
+    patches = layer.patches(0)
+    for slot in range(K):
+        tile = _region(a, g.tile_box(slot))
+        assert tile.shape[:2] == (g.tile, g.tile)
+        # nearest upscale: every tile pixel block equals the stored patch pixel
+        f = g.tile // SIZE
+        np.testing.assert_array_equal(tile[::f, ::f], patches[slot])
+    # the grid is really 3 wide: the 4th tile starts a new row
+    assert g.tile_box(3)[0] == g.tile_box(0)[0] and g.tile_box(3)[1] > g.tile_box(0)[1]
+
+
+@pytest.mark.parametrize("k,cols,rows", [(1, 1, 1), (4, 2, 2), (10, 4, 3), (16, 4, 4)])
+def test_grid_columns(k, cols, rows):
+    g = R.montage_grid(k, 24)
+    assert (g.cols, g.rows) == (cols, rows)
+    w, h = g.size
+    x0, y0, x1, y1 = g.cell(k - 1)
+    assert x1 <= w and y1 <= h
+
+
+def test_labels_are_drawn_and_differ(result):
+    layer = result.layer("conv")
+    g = R.montage_grid(K, SIZE)
+    a = _arr(R.montage(layer, 0))
+    bg = np.array(R.BG)
+    labels = [_region(a, g.label_box(s)) for s in range(K)]
+    for lab in labels:
+        assert (np.abs(lab - bg).sum(-1) > 60).mean() > 0.03  # text pixels present
+    # different scores and names -> different label pixels
+    assert not np.array_equal(labels[0], labels[1])
+    # the label's first line shows the rank and the score: the score part differs too
+    sc = layer.score[0]
+    assert sc[0] != sc[1]
+
+
+def test_unused_slots_are_empty_tiles(result):
+    layer = result.layer("conv")
+    g = R.montage_grid(K, SIZE)
+    a = _arr(R.montage(layer, 4))  # channel 4 has 5 entries
+    assert len(layer.records(4)) == 5
+    for slot in range(5, K):
+        tile = _region(a, g.tile_box(slot))
+        assert (np.abs(tile - np.array(R.EMPTY)).sum(-1) < 10).mean() > 0.9
+        lab = _region(a, g.label_box(slot))
+        assert (np.abs(lab - np.array(R.BG)).sum(-1) == 0).all()  # no label
+
+
+@pytest.mark.parametrize("mode", ["heat", "mask"])
+def test_overlay_changes_only_tile_pixels(result, mode):
+    layer = result.layer("conv")
+    g = R.montage_grid(K, SIZE)
+    plain = _arr(R.montage(layer, 0, overlay="none"))
+    over = _arr(R.montage(layer, 0, overlay=mode))
+    assert plain.shape == over.shape
+    diff = np.abs(plain - over).sum(-1) > 0
+    assert diff.any()
+    inside = np.zeros_like(diff)
+    for slot in range(K):
+        x0, y0, x1, y1 = g.tile_box(slot)
+        inside[y0:y1, x0:x1] = True
+    inside[: g.header_h] = False  # the title mentions the overlay; nothing else may differ
+    header = np.zeros_like(diff)
+    header[: g.header_h] = True
+    assert not (diff & ~inside & ~header).any()
+    for slot in range(K):
+        assert diff[slice(*g.tile_box(slot)[1::2]), slice(*g.tile_box(slot)[0::2])].any()
+
+
+def test_heat_overlay_follows_the_map(result):
+    """The strongest overlay is where the activation bump is (tile center for its own unit)."""
+    layer = result.layer("conv")
+    g = R.montage_grid(K, SIZE)
+    plain = _arr(R.montage(layer, 1, overlay="none"))
+    over = _arr(R.montage(layer, 1, overlay="heat"))
+    x0, y0, x1, y1 = g.tile_box(0)
+    d = np.abs(plain - over).sum(-1)[y0:y1, x0:x1].astype(float)
+    t = g.tile
+    center = d[t // 3 : 2 * t // 3, t // 3 : 2 * t // 3].mean()
+    corner = np.mean([d[:t // 8, :t // 8].mean(), d[-t // 8:, -t // 8:].mean()])
+    assert center > corner
+
+
+def test_overlay_skips_pixels_outside_the_input(result):
+    """Channel 0's best box sits at the top-left corner: its 2-pixel margin is padding."""
+    layer = result.layer("conv")
+    assert layer.records(0)[0]["box"][:2] == (-2, -2)
+    g = R.montage_grid(K, SIZE)
+    plain = _arr(R.montage(layer, 0, overlay="none"))
+    over = _arr(R.montage(layer, 0, overlay="heat"))
+    x0, y0, _, _ = g.tile_box(0)
+    m = 2 * g.tile // SIZE  # two patch pixels of padding
+    assert (plain[y0 : y0 + m, x0 : x0 + g.tile] == over[y0 : y0 + m, x0 : x0 + g.tile]).all()
+    assert (plain[y0 : y0 + g.tile, x0 : x0 + m] == over[y0 : y0 + g.tile, x0 : x0 + m]).all()
+    inner = slice(y0 + m, y0 + g.tile), slice(x0 + m, x0 + g.tile)
+    assert (plain[inner] != over[inner]).any()
+
+
+def test_whole_input_layer_has_no_overlay(result):
+    layer = result.layer("fc")
+    a = R.montage(layer, 0, overlay="none")
+    b = R.montage(layer, 0, overlay="heat")
+    g = R.montage_grid(K, P_WHOLE)
+    assert a.size == g.size
+    pa, pb = _arr(a), _arr(b)
+    for slot in range(K):
+        np.testing.assert_array_equal(_region(pa, g.tile_box(slot)), _region(pb, g.tile_box(slot)))
+
+
+def test_bad_overlay_and_channel(result):
+    layer = result.layer("conv")
+    with pytest.raises(UsageError, match="overlay"):
+        R.montage(layer, 0, overlay="glow")
+    with pytest.raises(UsageError, match="0..4"):
+        R.montage(layer, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# overview and context
+
+
+def test_overview_marks_dead_channel(result):
+    layer = result.layer("conv")
+    im = R.overview(layer)
+    g = R.overview_grid(C_SPATIAL, SIZE)
+    assert im.size == g.size
+    a = _arr(im)
+    tiles = [_region(a, g.tile_box(c)) for c in range(C_SPATIAL)]
+    red = np.array(R.RED)
+
+    def reds(t):
+        return (np.abs(t - red).sum(-1) < 30).mean()
+
+    assert reds(tiles[DEAD]) > 0.03
+    for c in range(C_SPATIAL):
+        if c != DEAD:
+            assert reds(tiles[c]) < 0.01
+            assert not np.array_equal(tiles[c], tiles[DEAD])
+    # a live tile is the best patch, upscaled
+    f = g.tile // SIZE
+    np.testing.assert_array_equal(tiles[0][::f, ::f], layer.patches(0)[0])
+
+
+def test_dead_montage_is_empty(result):
+    layer = result.layer("conv")
+    assert layer.records(DEAD) == []
+    g = R.montage_grid(K, SIZE)
+    a = _arr(R.montage(layer, DEAD, overlay="heat"))
+    for slot in range(K):
+        tile = _region(a, g.tile_box(slot))
+        assert (np.abs(tile - np.array(R.EMPTY)).sum(-1) < 10).mean() > 0.9
+
+
+def test_context_draws_box_on_original(result):
+    im = R.context(result, "conv", 1)
+    g = R.context_grid(K)
+    assert im.size == g.size
+    a = _arr(im)
+    box = np.array(R.BOX)
+    for slot in range(K):
+        t = _region(a, g.tile_box(slot))
+        assert (np.abs(t - box).sum(-1) < 30).sum() > 20  # the yellow box is there
+    # the original is shown bigger than the patch: much more than 11x11 image pixels
+    assert (np.abs(_region(a, g.tile_box(0)) - np.array(R.PANEL)).sum(-1) > 0).mean() > 0.5
+
+
+def test_context_falls_back_to_patch_when_original_gone(tmp_path):
+    layer_name, ch = "conv", 1
+    with store.open_result(make_result(tmp_path)) as r:
+        first = r.layer(layer_name).records(ch)[0]["image"]
+    path = make_result(tmp_path / "gone", remove=(first,))
+    with store.open_result(path) as r:
+        layer = r.layer(layer_name)
+        assert not r.image_file(first).exists()
+        im = R.context(r, layer, ch)
+        g = R.context_grid(K)
+        a = _arr(im)
+        f = g.tile // SIZE
+        np.testing.assert_array_equal(_region(a, g.tile_box(0))[::f, ::f], layer.patches(ch)[0])
+        lab = _region(a, g.label_box(0))
+        assert (np.abs(lab - np.array(R.RED)).sum(-1) < 60).sum() > 10  # "original missing"
+
+
+# ---------------------------------------------------------------------------------------------
+# channels and the gallery
+
+
+def test_parse_channels():
+    assert R.parse_channels("0,5,9-12") == [0, 5, 9, 10, 11, 12]
+    assert R.parse_channels("3, 1,1") == [1, 3]
+    assert R.parse_channels([2, 0]) == [0, 2]
+    assert R.parse_channels(None) is None
+    for bad in ("a", "5-2", "1-", "", "-3"):
+        with pytest.raises(UsageError):
+            R.parse_channels(bad)
+    with pytest.raises(UsageError, match="out of range"):
+        R.parse_channels("0-9", channels=5)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("href", "src") and v:
+                self.refs.append(v)
+            if k == "style" and v and "url(" in v:
+                self.refs += re.findall(r"url\(([^)]+)\)", v)
+
+
+def _check_links(root: Path) -> int:
+    n = 0
+    for page in root.rglob("*.html"):
+        p = _Links()
+        p.feed(page.read_text(encoding="utf-8"))
+        for ref in p.refs:
+            assert not re.match(r"^[a-z]+:", ref), f"{page}: non-relative link {ref}"
+            assert (page.parent / ref).is_file(), f"{page}: broken link {ref}"
+            n += 1
+    return n
+
+
+def test_render_gallery(result_file, tmp_path):
+    out = tmp_path / "gallery"
+    index = R.render(result_file, out, progress=False)
+    assert index == out / "index.html"
+    assert _check_links(out) > 20
+    for c in range(C_SPATIAL):
+        for suffix in (".png", "_context.png", ".html"):
+            assert (out / "conv" / f"c{c:04d}{suffix}").is_file()
+    assert (out / "fc" / "overview.png").is_file()
+    page = (out / "conv" / "c0000.html").read_text()
+    with store.open_result(result_file) as r:
+        rec = r.layer("conv").records(0)[0]
+    assert rec["path"] in page and "<table>" in page
+    assert "dead" in (out / "conv" / "c0003.html").read_text()
+    Image.open(out / "conv" / "c0001.png").verify()
+
+
+def test_render_subset_and_escaping(tmp_path):
+    path = make_result(tmp_path)
+    out = tmp_path / "g"
+    R.render(path, out, layers=["conv"], channels="1-2", overlay="mask", progress=False)
+    files = sorted(p.name for p in (out / "conv").glob("c*.png"))
+    assert files == ["c0001.png", "c0001_context.png", "c0002.png", "c0002_context.png"]
+    assert not (out / "fc").exists()
+    _check_links(out)
+    with pytest.raises(UsageError, match="out of range"):
+        R.render(path, out, channels="7", progress=False)
+    with pytest.raises(UsageError):
+        R.render(path, out, layers=["nope"], progress=False)
+
+
+def test_html_escapes_names(result_file, tmp_path):
+    out = tmp_path / "g"
+    R.render(result_file, out, layers=["fc"], progress=False)
+    pages = [p.read_text(encoding="utf-8") for p in (out / "fc").glob("c*.html")]
+    assert not any("<i>" in p for p in pages)
+    assert any("we&lt;i&gt;rd &amp; &quot;q&quot;.png" in p for p in pages)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "patchmine", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_render_cli(result_file, tmp_path):
+    out = tmp_path / "cli"
+    p = _cli("render", str(result_file), "--out", str(out), "--channels", "0,2-3",
+             "--overlay", "heat", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert (out / "index.html").is_file() and (out / "conv" / "c0002.png").is_file()
+    assert not (out / "conv" / "c0001.png").exists()
+
+
+@pytest.mark.parametrize("make_bad", ["text", "h5"])
+def test_render_cli_refuses_non_patchmine_file(tmp_path, make_bad):
+    bad = tmp_path / "bad.h5"
+    if make_bad == "text":
+        bad.write_text("not hdf5")
+    else:
+        import h5py
+
+        with h5py.File(bad, "w") as f:
+            f["x"] = np.arange(3)
+    p = _cli("render", str(bad), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr and "error" in p.stderr
+
+
+def test_render_cli_bad_channels(result_file, tmp_path):
+    p = _cli("render", str(result_file), "--out", str(tmp_path / "o"), "--channels", "x-1")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_wide_layer_renders_in_reasonable_time(tmp_path):
+    """Per-channel work stays light: many channels render at a steady rate."""
+    import time
+
+    path = make_result(tmp_path)
+    t = time.perf_counter()
+    R.render(path, tmp_path / "g", layers=["conv"], progress=False)
+    per_channel = (time.perf_counter() - t) / C_SPATIAL
+    assert per_channel < 1.0
+    assert math.isfinite(per_channel)
