@@ -139,6 +139,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from patchmine.render import parse_channels, render
+
+    channels = parse_channels(args.channels) if args.channels else None
+    index = render(args.file, args.out, layers=args.layers, channels=channels,
+                   overlay=args.overlay, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {index}")
+    return 0
+
+
+def cmd_filters(args: argparse.Namespace) -> int:
+    from patchmine.filters import filters
+
+    im = filters(args.model, args.weights, args.out, scale=args.scale, norm=args.norm,
+                 input_size=args.input_size)
+    print(f"wrote {args.out}: {im.info['description']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchmine",
@@ -181,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a result file holds")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("render", help="montages, overviews and an HTML gallery of a result file")
+    p.add_argument("file", help="result file (.h5)")
+    p.add_argument("--out", "-o", required=True, help="output folder (gets index.html)")
+    p.add_argument("--layers", "-l", type=_csv, default=None, help="comma-separated layer names")
+    p.add_argument("--channels", "-c", default=None, help="e.g. 0,5,9-20 (default: all)")
+    p.add_argument("--overlay", choices=("heat", "mask", "none"), default="heat",
+                   help="activation overlay on the patches (default heat)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("filters", help="first-layer RGB kernels as an image (AlexNet conv1 style)")
+    _model_args(p, positional=True)
+    p.add_argument("--out", "-o", required=True, help="output image (.png)")
+    p.add_argument("--scale", type=_positive, default=None,
+                   help="pixels per kernel weight (default: kernels about 48 px wide)")
+    p.add_argument("--norm", choices=("minmax", "symmetric"), default="minmax",
+                   help="per-kernel min/max to 0..255, or symmetric around 0 (default minmax)")
+    p.set_defaults(func=cmd_filters)
     return parser
 
 
