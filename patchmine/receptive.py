@@ -201,9 +201,7 @@ def _window(st: _State, k, s, p, d=(1, 1)) -> _State:
         r, j, o = a
         return (r + d * (k - 1) * j, j * s, o - p * j)
 
-    return replace(
-        st, y=axis(st.y, k[0], s[0], p[0], d[0]), x=axis(st.x, k[1], s[1], p[1], d[1])
-    )
+    return replace(st, y=axis(st.y, k[0], s[0], p[0], d[0]), x=axis(st.x, k[1], s[1], p[1], d[1]))
 
 
 def _bind(names: Sequence[tuple[str, Any]], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -428,15 +426,20 @@ class _Analyzer(fx.Interpreter):
         x = args[0] if args else None
         what = type(module).__name__ if module is not None else getattr(target, "__name__", target)
 
-        if isinstance(module, _UNSUPPORTED_MODULES) or fn in _UNSUPPORTED_FNS or (
-            method in _UNSUPPORTED_METHODS
+        if (
+            isinstance(module, _UNSUPPORTED_MODULES)
+            or fn in _UNSUPPORTED_FNS
+            or (method in _UNSUPPORTED_METHODS)
         ):
             raise _Refuse(
                 f"node {where!r} ({what}) has no receptive field patchmine can follow "
                 "(upsampling, transposed or deformable convs, flips and the like are not supported)"
             )
-        if module is not None and isinstance(module, _GLOBAL_MODULES) or fn in _GLOBAL_FNS or (
-            method in _GLOBAL_METHODS
+        if (
+            module is not None
+            and isinstance(module, _GLOBAL_MODULES)
+            or fn in _GLOBAL_FNS
+            or (method in _GLOBAL_METHODS)
         ):
             return _WHOLE
 
