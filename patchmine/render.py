@@ -603,8 +603,10 @@ def _context(ch: _Channel, originals: _Originals) -> Image.Image:
         thumb, why = originals.get(rec["image"])
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=PANEL)
         if thumb is None:
-            tile = _resize_tile(ch.patches[slot], g.tile)
-            im.paste(tile, (x0, y0))
+            p = info.patch_size
+            side = p * (g.tile // p) if p <= g.tile else g.tile
+            off = (g.tile - side) // 2
+            im.paste(_resize_tile(ch.patches[slot], side), (x0 + off, y0 + off))
             _label(draw, g.label_box(slot), slot, rec["score"], f"{why}: stored patch",
                    name_color=RED)
             continue

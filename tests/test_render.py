@@ -363,8 +363,10 @@ def test_context_falls_back_to_patch_when_original_gone(tmp_path):
         im = R.context(r, layer, ch)
         g = R.context_grid(K)
         a = _arr(im)
-        f = g.tile // SIZE
-        np.testing.assert_array_equal(_region(a, g.tile_box(0))[::f, ::f], layer.patches(ch)[0])
+        f = g.tile // SIZE  # the patch, upscaled by a whole factor, centered in the cell
+        off = (g.tile - f * SIZE) // 2
+        tile = _region(a, g.tile_box(0))[off : off + f * SIZE, off : off + f * SIZE]
+        np.testing.assert_array_equal(tile[::f, ::f], layer.patches(ch)[0])
         lab = _region(a, g.label_box(0))
         assert (np.abs(lab - np.array(R.RED)).sum(-1) < 60).sum() > 10  # "original missing"
 
@@ -464,7 +466,7 @@ def test_render_cli(result_file, tmp_path):
 
 
 @pytest.mark.parametrize("make_bad", ["text", "h5"])
-def test_render_cli_refuses_non_patchmine_file(tmp_path, make_bad):
+def test_render_cli_refuses_non_patchmine_file(tmp_path, capsys, make_bad):
     bad = tmp_path / "bad.h5"
     if make_bad == "text":
         bad.write_text("not hdf5")
@@ -473,15 +475,24 @@ def test_render_cli_refuses_non_patchmine_file(tmp_path, make_bad):
 
         with h5py.File(bad, "w") as f:
             f["x"] = np.arange(3)
-    p = _cli("render", str(bad), "--out", str(tmp_path / "o"))
-    assert p.returncode == 2
-    assert len(p.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in p.stderr and "error" in p.stderr
+    code, err = _main(capsys, "render", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and "not" in err and str(bad) in err
 
 
-def test_render_cli_bad_channels(result_file, tmp_path):
-    p = _cli("render", str(result_file), "--out", str(tmp_path / "o"), "--channels", "x-1")
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("extra", [["--channels", "x-1"], ["--channels", "99"],
+                                   ["--layers", "convv"]])
+def test_render_cli_bad_arguments(result_file, tmp_path, capsys, extra):
+    code, err = _main(capsys, "render", str(result_file), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def _main(capsys, *args: str) -> tuple[int, str]:
+    from patchmine.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.slow
