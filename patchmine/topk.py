@@ -21,6 +21,8 @@ copy, no map is filtered out, and the buffer is merged when it is full.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["TopK"]
@@ -35,6 +37,29 @@ def _pair(v, name: str) -> tuple[int, int]:
     if len(t) != 2 or min(t) < 1:
         raise ValueError(f"{name} must be two positive ints, got {v!r}")
     return t
+
+
+_last_row_max: list = [None]  # (weakref to acts, signature, (N, C) maxima)
+
+
+def _row_max(acts: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(N, C) max of every map of `acts` (NaN where a map holds a NaN); `flat` is acts as rows.
+
+    TopK and RunningStats both need these maxima of the same activations; the last result is kept
+    (keyed on the tensor object, its storage, shape, strides and version counter where it has one)
+    so that the maps are reduced once. Treat the result as read-only.
+    """
+    try:
+        version = acts._version
+    except RuntimeError:  # inference tensors carry no version counter
+        version = None
+    sig = (acts.data_ptr(), acts.shape, acts.stride(), acts.dtype, version)
+    hit = _last_row_max[0]
+    if hit is not None and hit[0]() is acts and hit[1] == sig:
+        return hit[2]
+    m = flat.amax(-1).view(acts.shape[0], acts.shape[1])
+    _last_row_max[0] = (weakref.ref(acts), sig, m)
+    return m
 
 
 def _sort_entries(chan, score, key):
@@ -143,6 +168,7 @@ class TopK:
                 floating dtype (scores are kept as float32), on `self.device`.
             image_index: (N,) int64 global corpus indices of the batch's images (>= 0).
         """
+        given = acts
         if acts.dim() == 2:
             acts = acts[:, :, None, None]
         if acts.dim() != 4:
@@ -165,17 +191,19 @@ class TopK:
         if self._sync_free:
             self._add_dense(x, img_l, N)
         else:
-            self._add_filtered(x, img_l, N)
+            self._add_filtered(given, x, img_l, N)
         if self._npending >= max(self.channels * self.k, 4096):
             self._flush()
 
-    def _add_filtered(self, x: torch.Tensor, img_l: torch.Tensor, N: int) -> None:
+    def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
+                      N: int) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        m = x.amax(1).view(N, C)
+        m = _row_max(given, x)
         nan_rows = torch.isnan(m)
         has_nan = bool(nan_rows.any())  # a CPU tensor: no device sync
         if has_nan:  # rare
+            m = m.clone()
             bad = nan_rows.view(-1).nonzero().squeeze(1)
             m.view(-1)[bad] = x[bad].nan_to_num(nan=_NEG_INF, posinf=float("inf"),
                                                 neginf=_NEG_INF).amax(1)

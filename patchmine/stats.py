@@ -1,0 +1,272 @@
+"""Running per-channel statistics of a node's activations: count, mean, std, max, quantiles.
+
+Public names: `RunningStats`.
+
+count, mean, std (population, ddof=0) and max cover every location of every image. Sums are per
+(image, channel) map in float32 (a function of the image alone), accumulated over images in
+float64, so the float32 results do not depend on batching, order or sharding in practice. std comes
+from E[x^2] - E[x]^2 and so loses relative accuracy on channels whose std is below ~1e-3 of their
+mean. NaN activations are skipped (not counted, enter no statistic).
+
+Quantiles come from a fixed-bin histogram with int64 counts (exactly mergeable). Bins follow the
+float32 bit pattern: 32 bins per octave for 2^-14 <= |v| < 2^17, uniform in value inside an octave,
+so a bin spans at most 1/32 (3.1%) of its lower edge; |v| < 2^-14 (about 6.1e-5, including exact
+zeros) shares one bin reported as 0, and |v| >= 2^17 (131072) one bin per sign reported as +-2^17.
+A quantile is interpolated linearly inside the bin holding the order statistic at rank
+``q * (n - 1)``: it lies in that bin, i.e. within one bin width of the value numpy's linear
+quantile would give for the same values. 1987 bins per channel (16 KB of int64).
+
+For speed the histogram (only the histogram) sees a fixed subsample of locations: a regular grid
+with the same step on both axes, chosen per node so that about `sample` locations of each map are
+kept (all of them when the map has no more than `sample` locations, e.g. (N, C) nodes). The grid is
+the same for every image, so the counts stay a pure function of the images fed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from patchmine.topk import _row_max
+
+__all__ = ["RunningStats"]
+
+_VERSION = 1
+_SHIFT = 18  # float32 bits dropped: 23 - 18 = 5 mantissa bits kept, 32 bins per octave
+_LO_EXP, _HI_EXP = -14, 17
+_G0 = (127 + _LO_EXP) << (23 - _SHIFT)  # bit group of 2^-14: the first regular bin
+_P = ((_HI_EXP - _LO_EXP) << (23 - _SHIFT)) + 1  # bins per sign; _P itself is the overflow bin
+_NBINS = 2 * _P + 1  # slot _P holds |v| < 2^-14
+_NSLOTS = _NBINS + 1  # the last slot collects NaN and is never read
+_DEFAULT_Q = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+def _slots(v: torch.Tensor) -> torch.Tensor:
+    """Histogram slot in [0, 2P] of each float32 value (NaN lands in an end slot: mask it)."""
+    b = v.view(torch.int32)
+    p = ((b & 0x7FFFFFFF) >> _SHIFT).sub_(_G0 - 1).clamp_(0, _P)
+    s = b >> 31  # 0 or -1
+    return p.bitwise_xor_(s).sub_(s).add_(_P)
+
+
+def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) float64 value range of each of the _NBINS slots, lo <= hi."""
+    p = torch.arange(1, _P, dtype=torch.int64)
+    g = p + _G0 - 1
+    lo = (g << _SHIFT).to(torch.int32).view(torch.float32).double()
+    hi = ((g + 1) << _SHIFT).to(torch.int32).view(torch.float32).double()
+    top = torch.tensor([2.0**_HI_EXP], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    pos_lo, pos_hi = torch.cat([lo, top]), torch.cat([hi, top])
+    return (torch.cat([-pos_hi.flip(0), zero, pos_lo]),
+            torch.cat([-pos_lo.flip(0), zero, pos_hi]))
+
+
+def _grid_step(h: int, w: int, sample: int) -> int:
+    if sample <= 0 or h * w <= sample:
+        return 1
+    return max(1, int(math.sqrt(h * w / sample)))
+
+
+class RunningStats:
+    """Per-channel count, mean, std, max and quantiles over every location of every image.
+
+    Args:
+        channels: C.
+        device: where the state lives; `add` expects activations there.
+        quantiles: the q values reported by `result`, each in [0, 1].
+        sample: about how many locations per map feed the quantile histogram (0: all).
+
+    Example:
+        >>> rs = RunningStats(64)
+        >>> rs.add(acts)                                   # (N, 64, H, W)
+        >>> rs.result()["quantile"].shape
+        torch.Size([64, 6])
+    """
+
+    def __init__(self, channels: int, device="cpu", quantiles=_DEFAULT_Q, sample: int = 16):
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        q = [float(v) for v in quantiles]
+        if not q or any(not 0.0 <= v <= 1.0 for v in q):
+            raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {q}")
+        self.channels = int(channels)
+        self.quantiles = tuple(q)
+        self.sample = int(sample)
+        self.device = torch.device(device)
+        self._sync_free = self.device.type != "cpu"
+        C, dev = self.channels, self.device
+        self._count = torch.zeros(C, dtype=torch.int64, device=dev)
+        self._sum = torch.zeros(C, dtype=torch.float64, device=dev)
+        self._sumsq = torch.zeros(C, dtype=torch.float64, device=dev)
+        self._max = torch.full((C,), float("-inf"), dtype=torch.float32, device=dev)
+        self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
+        self._ones = torch.ones(0, dtype=torch.int64, device=dev)
+        self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
+
+    def add(self, acts: torch.Tensor) -> None:
+        """Accumulate a batch.
+
+        Args:
+            acts: (N, C, H, W), or (N, C) for a node without spatial dims; any floating dtype.
+        """
+        if acts.dim() not in (2, 4) or acts.shape[1] != self.channels:
+            raise ValueError(f"acts must be (N, {self.channels}, H, W) or (N, {self.channels}), "
+                             f"got shape {tuple(acts.shape)}")
+        if acts.device != self.device:
+            raise ValueError(f"acts are on {acts.device} but these stats live on {self.device}")
+        N, C = acts.shape[:2]
+        if N == 0:
+            return
+        a4 = acts if acts.dim() == 4 else acts[:, :, None, None]
+        H, W = a4.shape[2:]
+        x = a4.reshape(N, C, H * W)
+        if self._sync_free:
+            nan = torch.isnan(x)
+            count = (H * W) - nan.sum(2)
+            xz = x.masked_fill(nan, 0.0)
+            rsum, rnorm = xz.sum(2), torch.linalg.vector_norm(xz, dim=2)
+            rmax = x.masked_fill(nan, float("-inf")).amax(2)
+            self._count += count.sum(0)
+            has_nan = True
+        else:
+            rmax = _row_max(acts, x)
+            rsum, rnorm = x.sum(2), torch.linalg.vector_norm(x, dim=2)
+            bad = torch.isnan(rmax)
+            has_nan = bool(bad.any())  # a CPU tensor: no device sync
+            if has_nan:
+                rmax, rsum, rnorm = rmax.clone(), rsum.clone(), rnorm.clone()
+                n_i, c_i = bad.nonzero(as_tuple=True)
+                rows = x[n_i, c_i]
+                nan = torch.isnan(rows)
+                zero = rows.masked_fill(nan, 0.0)
+                rsum[n_i, c_i] = zero.sum(1)
+                rnorm[n_i, c_i] = torch.linalg.vector_norm(zero, dim=1)
+                rmax[n_i, c_i] = rows.masked_fill(nan, float("-inf")).amax(1)
+                self._count.index_add_(0, c_i, -nan.sum(1))
+            self._count += N * H * W
+        self._sum += rsum.double().sum(0)
+        self._sumsq += rnorm.double().square().sum(0)
+        self._max = torch.maximum(self._max, rmax.amax(0).float())
+        self._add_hist(a4, has_nan)
+
+    def _add_hist(self, a4: torch.Tensor, has_nan: bool) -> None:
+        H, W = a4.shape[2:]
+        s = _grid_step(H, W, self.sample)
+        v = a4[:, :, s // 2::s, s // 2::s] if s > 1 else a4
+        if v.dtype != torch.float32:
+            v = v.float()
+        slots = _slots(v).reshape(v.shape[0], self.channels, -1)
+        if has_nan:
+            slots.masked_fill_(torch.isnan(v.reshape(slots.shape)), _NBINS)
+        idx = slots.add_(self._offsets).view(-1)
+        if self._ones.numel() < idx.numel():
+            self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)
+        self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
+
+    def merge(self, other: RunningStats) -> None:
+        """Fold another accumulator of the same node into this one, in place.
+
+        Raises:
+            ValueError: naming the difference when channels, quantiles or sample differ.
+        """
+        if not isinstance(other, RunningStats):
+            raise TypeError(f"can only merge a RunningStats, got {type(other).__name__}")
+        self._check_same(other._config(), "the other RunningStats")
+        self._count += other._count.to(self.device)
+        self._sum += other._sum.to(self.device)
+        self._sumsq += other._sumsq.to(self.device)
+        self._max = torch.maximum(self._max, other._max.to(self.device))
+        self._hist += other._hist.to(self.device)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The statistics so far (NaN for a channel that saw no value).
+
+        Returns:
+            count: (C,) int64. mean, std, max: (C,) float32. quantile: (C, Q) float32.
+            q: (Q,) float32, the quantile levels.
+        """
+        n = self._count.double()
+        mean = self._sum / n
+        var = (self._sumsq / n - mean.square()).clamp(min=0)
+        empty = self._count == 0
+        nan = float("nan")
+        return {
+            "count": self._count.clone(),
+            "mean": mean.float(),
+            "std": var.sqrt().float(),
+            "max": self._max.masked_fill(empty, nan),
+            "quantile": self._quantiles().float(),
+            "q": torch.tensor(self.quantiles, dtype=torch.float32, device=self.device),
+        }
+
+    def _quantiles(self) -> torch.Tensor:
+        h = self._hist[:, :_NBINS]
+        C, Q = self.channels, len(self.quantiles)
+        total = h.sum(1, keepdim=True)
+        cum = h.cumsum(1)
+        q = torch.tensor(self.quantiles, dtype=torch.float64, device=self.device)
+        rank = q[None, :] * (total - 1).clamp(min=0).double()  # (C, Q)
+        b = torch.searchsorted(cum, rank.floor().long(), right=True).clamp(max=_NBINS - 1)
+        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0)
+        cnt = h.gather(1, b).clamp(min=1)
+        frac = ((rank - before + 0.5) / cnt).clamp(0, 1)
+        lo, hi = (e.to(self.device) for e in _slot_edges())
+        out = lo[b] + frac * (hi[b] - lo[b])
+        return out.masked_fill(total.expand(C, Q) == 0, float("nan"))
+
+    # ------------------------------------------------------------------ state
+    def _config(self) -> dict:
+        return {"channels": self.channels, "quantiles": list(self.quantiles),
+                "sample": self.sample, "bins": _NBINS}
+
+    def _check_same(self, other_cfg: dict, what: str) -> None:
+        mine = self._config()
+        got = {n: list(v) if isinstance(v, (list, tuple)) else v for n, v in other_cfg.items()}
+        diff = [f"{n} {mine[n]} here vs {got.get(n)} in {what}" for n in mine
+                if got.get(n) != mine[n]]
+        if diff:
+            raise ValueError("cannot combine RunningStats that differ: " + "; ".join(diff))
+
+    def state_dict(self) -> dict:
+        """Plain data: config, "version" and CPU tensors count, sum, sumsq (float64), max, hist."""
+        return {"version": _VERSION, **self._config(),
+                "count": self._count.cpu().clone(), "sum": self._sum.cpu().clone(),
+                "sumsq": self._sumsq.cpu().clone(), "max": self._max.cpu().clone(),
+                "hist": self._hist.cpu().clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a state from `state_dict` exactly.
+
+        Raises:
+            ValueError: on an unknown version or a config that differs from this accumulator's.
+        """
+        if sd.get("version") != _VERSION:
+            raise ValueError(f"RunningStats state version {sd.get('version')!r} is not supported "
+                             f"(expected {_VERSION})")
+        self._check_same({n: sd.get(n) for n in self._config()}, "the state dict")
+        dev = self.device
+        self._count = sd["count"].to(dev, torch.int64).clone()
+        self._sum = sd["sum"].to(dev, torch.float64).clone()
+        self._sumsq = sd["sumsq"].to(dev, torch.float64).clone()
+        self._max = sd["max"].to(dev, torch.float32).clone()
+        self._hist = sd["hist"].to(dev, torch.int64).clone()
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device="cpu") -> RunningStats:
+        """Build an accumulator from `state_dict` output."""
+        rs = cls(sd["channels"], device=device, quantiles=sd["quantiles"], sample=sd["sample"])
+        rs.load_state_dict(sd)
+        return rs
+
+    def to(self, device) -> RunningStats:
+        """Move the state to `device` (in place); returns self."""
+        self.device = torch.device(device)
+        self._sync_free = self.device.type != "cpu"
+        for name in ("_count", "_sum", "_sumsq", "_max", "_hist", "_ones", "_offsets"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    def __repr__(self) -> str:
+        return f"RunningStats(channels={self.channels}, quantiles={self.quantiles})"

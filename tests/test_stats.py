@@ -1,0 +1,178 @@
+"""RunningStats against numpy; batching, merge and state invariance, bit for bit."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchmine.stats import RunningStats
+
+Q = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
+
+
+def make_acts(rng, shape, nan=0.0):
+    """A mix of ReLU zeros, small-integer ties, wide-range magnitudes and negatives."""
+    scale = np.float32(10.0) ** rng.integers(-3, 4, shape)
+    a = (rng.standard_normal(shape) * scale).astype(np.float32)
+    a[rng.random(shape) < 0.3] = 0.0
+    ties = rng.random(shape) < 0.2
+    a[ties] = rng.integers(-2, 3, ties.sum())
+    if nan:
+        a[rng.random(shape) < nan] = np.nan
+    return a
+
+
+def channel_values(a):
+    a = a if a.ndim == 4 else a[:, :, None, None]
+    return a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1)
+
+
+def check_quantiles(est, values, q):
+    """Documented resolution: within one bin (<= 1/32 relative, 2^-14 absolute near 0) of numpy."""
+    for c in range(values.shape[0]):
+        v = np.sort(values[c][~np.isnan(values[c])]).astype(np.float64)
+        for j, qj in enumerate(q):
+            r = qj * (len(v) - 1)
+            lo, hi = v[int(np.floor(r))], v[int(np.ceil(r))]
+            tol_lo = max(abs(lo) / 32, 2.0**-14) * 1.0001
+            tol_hi = max(abs(hi) / 32, 2.0**-14) * 1.0001
+            assert lo - tol_lo <= est[c, j] <= hi + tol_hi, (c, qj, est[c, j], lo, hi)
+
+
+def feed(acts, batches=None, sync_free=False, **kw):
+    rs = RunningStats(acts.shape[1], quantiles=Q, **kw)
+    rs._sync_free = sync_free
+    for b in batches if batches is not None else [np.arange(len(acts))]:
+        rs.add(torch.from_numpy(acts[b]))
+    return rs
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu", "sync_free"])
+@pytest.mark.parametrize("shape", [(40, 3), (30, 4, 1, 1), (25, 3, 4, 4), (20, 2, 3, 5)])
+@pytest.mark.parametrize("nan", [0.0, 0.05])
+def test_against_numpy(shape, nan, sync_free):
+    rng = np.random.default_rng(abs(hash((shape, nan))) % 2**32)
+    acts = make_acts(rng, shape, nan)
+    res = feed(acts, sync_free=sync_free).result()
+    vals = channel_values(acts)
+    ok = ~np.isnan(vals)
+    np.testing.assert_array_equal(res["count"].numpy(), ok.sum(1))
+    v64 = np.where(ok, vals, 0).astype(np.float64)
+    mean = v64.sum(1) / ok.sum(1)
+    std = np.sqrt((np.where(ok, (vals - mean[:, None]) ** 2, 0)).sum(1) / ok.sum(1))
+    np.testing.assert_allclose(res["mean"].numpy(), mean, rtol=1e-5, atol=1e-6 * np.abs(v64).max())
+    np.testing.assert_allclose(res["std"].numpy(), std, rtol=1e-4)
+    np.testing.assert_array_equal(res["max"].numpy(), np.nanmax(vals, 1).astype(np.float32))
+    check_quantiles(res["quantile"].numpy(), vals, Q)
+    np.testing.assert_array_equal(res["q"].numpy(), np.float32(Q))
+    assert res["mean"].dtype == res["std"].dtype == res["quantile"].dtype == torch.float32
+    assert res["count"].dtype == torch.int64
+
+
+def test_relu_zeros_give_exact_zero_quantiles():
+    acts = np.zeros((10, 2, 3, 3), np.float32)
+    acts[:, 1, 0, 0] = 3.0  # channel 1: 1/9 of the values are 3 (sorted ranks 80..89)
+    res = feed(acts).result()
+    q = res["quantile"].numpy()  # levels 0, 0.1, 0.5, 0.9, 0.99, 1
+    assert (q[0] == 0).all()
+    assert (q[1, :3] == 0).all() and (abs(q[1, 3:] - 3.0) <= 3.0 / 32).all()
+
+
+def test_subsampled_histogram_uses_a_fixed_grid():
+    rng = np.random.default_rng(1)
+    acts = make_acts(rng, (12, 3, 55, 55))
+    res = feed(acts, sample=16).result()
+    vals = channel_values(acts)
+    np.testing.assert_array_equal(res["count"].numpy(), np.full(3, 12 * 55 * 55))
+    np.testing.assert_array_equal(res["max"].numpy(), vals.max(1))
+    step = 13  # floor(sqrt(3025 / 16)): rows and columns 6, 19, 32, 45
+    grid = channel_values(acts[:, :, step // 2::step, step // 2::step])
+    assert grid.shape[1] == 12 * 16
+    check_quantiles(res["quantile"].numpy(), grid, Q)
+
+
+def test_large_and_tiny_magnitudes_saturate_as_documented():
+    acts = np.array([[1e9], [-1e9], [1e-9], [2.0**17]], np.float32)
+    res = RunningStats(1, quantiles=(0.0, 0.4, 1.0))
+    res.add(torch.from_numpy(acts))
+    q = res.result()["quantile"][0].tolist()
+    assert q == [-(2.0**17), 0.0, 2.0**17]
+
+
+def test_empty_channel_is_nan():
+    res = RunningStats(2).result()
+    assert res["count"].tolist() == [0, 0]
+    for name in ("mean", "std", "max", "quantile"):
+        assert torch.isnan(res[name]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 30),
+       spatial=st.sampled_from([(), (1, 1), (3, 3), (6, 7)]))
+def test_batching_order_and_merge_are_bit_identical(seed, n, spatial):
+    rng = np.random.default_rng(seed)
+    acts = make_acts(rng, (n, 3, *spatial), nan=0.02)
+    one = feed(acts, sample=9).result()
+    perm = rng.permutation(n)
+    cuts = np.sort(rng.integers(0, n + 1, size=3))
+    parts = np.split(perm, cuts)
+    assert_identical(feed(acts, parts, sample=9).result(), one)
+    shards = [feed(acts, [p], sample=9) for p in parts]
+    left = shards[0]
+    for s in shards[1:]:
+        left.merge(s)
+    assert_identical(left.result(), one)
+    right = shards[-1]
+    rest = feed(acts, [np.concatenate(parts[:-1])], sample=9)
+    right.merge(rest)
+    assert_identical(right.result(), one)
+
+
+def test_state_dict_round_trip_through_torch_save():
+    rng = np.random.default_rng(2)
+    acts = make_acts(rng, (9, 4, 3, 3), nan=0.05)
+    rs = feed(acts)
+    buf = io.BytesIO()
+    torch.save(rs.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["version"] == 1
+    back = RunningStats.from_state_dict(sd)
+    assert_identical(back.result(), rs.result())
+    more = make_acts(rng, (5, 4, 3, 3))
+    back.add(torch.from_numpy(more))
+    assert_identical(back.result(), feed(np.concatenate([acts, more]), [np.arange(9), 9 + np.arange(5)]).result())  # noqa: E501
+
+
+def test_refuses_mismatch():
+    a = RunningStats(3)
+    with pytest.raises(ValueError, match="channels 3 here vs 4"):
+        a.merge(RunningStats(4))
+    with pytest.raises(ValueError, match="quantiles"):
+        a.merge(RunningStats(3, quantiles=(0.5,)))
+    with pytest.raises(ValueError, match="version"):
+        a.load_state_dict({**a.state_dict(), "version": 7})
+    with pytest.raises(ValueError, match="acts must be"):
+        a.add(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="quantiles"):
+        RunningStats(3, quantiles=(1.5,))
+
+
+def test_shared_row_max_with_topk_is_not_stale():
+    from patchmine.topk import TopK
+
+    acts = torch.rand(4, 3, 5, 5)
+    tk, rs = TopK(3, 2, fmap_hw=(5, 5)), RunningStats(3)
+    tk.add(acts, torch.arange(4))
+    acts[0, 0, 0, 0] = 7.0  # in place, between the two reads
+    rs.add(acts)
+    assert rs.result()["max"][0] == 7.0
