@@ -59,7 +59,8 @@ CONTEXT = 200  # context view cells
 HEAT_ALPHA = 0.6
 MASK_DIM = 0.28
 MASK_Q = 0.995
-PNG = {"compress_level": 3}
+PNG = {"compress_level": 1}  # fast; montages are mostly flat background and upscaled pixels
+JPEG = {"quality": 88}  # context views are photographs
 
 # turbo-like colormap anchors (value, rgb)
 _CMAP_ANCHORS = [
@@ -702,6 +703,7 @@ h1{font-size:20px;margin:4px 0 12px}h2{font-size:16px;margin:18px 0 8px;color:#c
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #34343c;
 text-align:left;vertical-align:top}th{color:#a0a0ac;font-weight:600}
 td.n{text-align:right;font-variant-numeric:tabular-nums}code{color:#d6d6de}
+figure{margin:0}
 .pics{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 .pics img{max-width:100%;height:auto;border:1px solid #34343c}
 .grid{display:flex;flex-wrap:wrap;gap:0}.grid a{display:block;background-repeat:no-repeat}
@@ -765,7 +767,7 @@ def _channel_page(ch: _Channel, result, overlay: str, layer_slug: str, prev_c, n
         f'<figcaption class="muted">top-{info.k} receptive-field patches'
         f'{"" if overlay == "none" or info.whole else f", {_e(overlay)} overlay"}</figcaption>'
         "</figure>"
-        f'<figure><img src="c{c:04d}_context.png" alt="winners of channel {c} in context">'
+        f'<figure><img src="c{c:04d}_context.jpg" alt="winners of channel {c} in context">'
         '<figcaption class="muted">in the original images</figcaption></figure></div>'
     )
     rows = [
@@ -865,7 +867,7 @@ def _render_channel(ch: _Channel, result, overlay: str, folder: Path, slug: str,
                     originals: _Originals) -> None:
     c = ch.c
     _montage(ch, overlay).save(folder / f"c{c:04d}.png", **PNG)
-    _context(ch, originals).save(folder / f"c{c:04d}_context.png", **PNG)
+    _context(ch, originals).save(folder / f"c{c:04d}_context.jpg", **JPEG)
     notes = {}
     for rec in ch.records:
         thumb, why = originals.get(rec["image"])
@@ -888,7 +890,7 @@ def render(
 
     Writes ``out_dir/index.html`` (layers), ``out_dir/<layer>/index.html`` (the overview, linking
     to channels), ``overview.png``, and per rendered channel ``cNNNN.png`` (montage),
-    ``cNNNN_context.png`` and ``cNNNN.html`` (both pictures and a table of the winners).
+    ``cNNNN_context.jpg`` and ``cNNNN.html`` (both pictures and a table of the winners).
 
     Args:
         path: a result file.

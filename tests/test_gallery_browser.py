@@ -137,7 +137,7 @@ def test_channel_page_decodes_every_picture(chromium, gallery, tmp_path):
     page = gallery / "conv" / "c0001.html"
     got = _decoded(chromium, tmp_path, page)
     imgs = [p for p in got["pics"] if p["kind"] == "img"]
-    assert {p["src"] for p in imgs} == {"c0001.png", "c0001_context.png"}
+    assert {p["src"] for p in imgs} == {"c0001.png", "c0001_context.jpg"}
     for p in imgs:
         w, h = Image.open(page.parent / p["src"]).size
         assert (p["w"], p["h"]) == (w, h), p  # decoded by the browser at full size

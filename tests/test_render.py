@@ -418,7 +418,7 @@ def test_render_gallery(result_file, tmp_path):
     assert index == out / "index.html"
     assert _check_links(out) > 20
     for c in range(C_SPATIAL):
-        for suffix in (".png", "_context.png", ".html"):
+        for suffix in (".png", "_context.jpg", ".html"):
             assert (out / "conv" / f"c{c:04d}{suffix}").is_file()
     assert (out / "fc" / "overview.png").is_file()
     page = (out / "conv" / "c0000.html").read_text()
@@ -433,8 +433,8 @@ def test_render_subset_and_escaping(tmp_path):
     path = make_result(tmp_path)
     out = tmp_path / "g"
     R.render(path, out, layers=["conv"], channels="1-2", overlay="mask", progress=False)
-    files = sorted(p.name for p in (out / "conv").glob("c*.png"))
-    assert files == ["c0001.png", "c0001_context.png", "c0002.png", "c0002_context.png"]
+    files = sorted(p.name for p in (out / "conv").glob("c*.*g"))
+    assert files == ["c0001.png", "c0001_context.jpg", "c0002.png", "c0002_context.jpg"]
     assert not (out / "fc").exists()
     _check_links(out)
     with pytest.raises(UsageError, match="out of range"):
