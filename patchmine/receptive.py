@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -332,6 +333,7 @@ class _Analyzer(fx.Interpreter):
         self.states: dict[fx.Node, Any] = {}
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
         self._placeholder_index = 0
+        self.stop_after: set[fx.Node] | None = None  # stop once these are computed
 
     def where(self, n: fx.Node) -> str:
         return self.inside or self.label(n)
@@ -352,6 +354,10 @@ class _Analyzer(fx.Interpreter):
             state = self._state(n, refs, args, kwargs, out)
         self.states[n] = state
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if self.stop_after is not None:
+            self.stop_after.discard(n)
+            if not self.stop_after:
+                raise _Done
         return out
 
     @staticmethod
@@ -435,12 +441,7 @@ class _Analyzer(fx.Interpreter):
                 f"node {where!r} ({what}) has no receptive field patchmine can follow "
                 "(upsampling, transposed or deformable convs, flips and the like are not supported)"
             )
-        if (
-            module is not None
-            and isinstance(module, _GLOBAL_MODULES)
-            or fn in _GLOBAL_FNS
-            or (method in _GLOBAL_METHODS)
-        ):
+        if isinstance(module, _GLOBAL_MODULES) or fn in _GLOBAL_FNS or (method in _GLOBAL_METHODS):
             return _WHOLE
 
         if isinstance(module, nn.Conv2d) or fn in _CONV_FNS:
@@ -592,6 +593,10 @@ def _live_states(refs) -> list[_State] | _Unsupported:
     return found
 
 
+class _Done(Exception):
+    """Every requested node has been analysed: the rest of the graph is not needed."""
+
+
 class _Stop(Exception):
     def __init__(self, state):
         super().__init__()
@@ -693,10 +698,13 @@ def _elementwise(live, refs, args, kwargs, out, where: str) -> _State:
 
 
 def _hw(input_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    h, w = (int(v) for v in input_size)
-    return (h, w)
+    if isinstance(input_size, numbers.Integral):
+        hw = (int(input_size), int(input_size))
+    else:
+        hw = tuple(int(v) for v in input_size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise UsageError(f"input_size must be S or (H, W) with positive sides, got {input_size!r}")
+    return hw
 
 
 def receptive_fields(
@@ -760,8 +768,13 @@ def receptive_fields(
         dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
         x = torch.zeros((1, channels, *hw), dtype=dtype, device=tensor.device)
         analyzer = _Analyzer(gm, [_State((2, 3))], lambda n: names.get(n, n.name))
+        if nodes is not None:
+            analyzer.stop_after = {by_name[name] for name in nodes}
         with torch.inference_mode():
-            analyzer.run(x)
+            try:
+                analyzer.run(x)
+            except _Done:
+                pass
     finally:
         model.train(was_training)
 
@@ -789,6 +802,6 @@ def receptive_fields(
         if isinstance(state, _Unsupported):
             raise UsageError(f"node {name!r} has no receptive field: {state.message}")
         if not isinstance(state, _State) or shape is None:
-            raise UsageError(f"node {name!r} is not a tensor computed from the input")
+            raise UsageError(f"node {name!r} does not output a tensor computed from the input")
         result[name] = field(state, shape)
     return result

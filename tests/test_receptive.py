@@ -34,8 +34,16 @@ _ACTS = (
 )  # fmt: skip
 
 
+# float32, not float64: CPU convolutions in float64 take a slow path (10-40x, depthwise worst).
+# Underflow is the only risk of float32 here (all terms are positive, nothing cancels); it could
+# only shrink the gradient box, and _gradient_boxes asserts the smallest nonzero gradient stays far
+# above float32's smallest normal number, so no boundary pixel can have been flushed to zero.
+DTYPE = torch.float32
+TINY = 1e-30
+
+
 def _linearize(model: nn.Module) -> nn.Module:
-    """A float64 copy that is linear with positive weights (its gradients show the true field)."""
+    """A copy that is linear with positive weights (its gradients show the true field)."""
     model = copy.deepcopy(model).eval()
 
     def swap(parent: nn.Module) -> None:
@@ -52,7 +60,7 @@ def _linearize(model: nn.Module) -> nn.Module:
                 swap(child)
 
     swap(model)
-    model = model.double()
+    model = model.to(DTYPE)
     with torch.no_grad():
         for module in model.modules():
             for pname, p in module.named_parameters(recurse=False):
@@ -82,9 +90,11 @@ def _gradient_boxes(
     lin = _linearize(model)
     extractor = create_feature_extractor(lin, return_nodes=nodes)
     with torch.no_grad():
-        shapes = {k: v.shape for k, v in extractor(torch.ones(1, 3, size, size).double()).items()}
+        shapes = {
+            k: v.shape for k, v in extractor(torch.ones(1, 3, size, size, dtype=DTYPE)).items()
+        }
     jobs = [(node, u) for node in nodes for u in _units(shapes[node][2], shapes[node][3])]
-    x = torch.ones(len(jobs), 3, size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.ones(len(jobs), 3, size, size, dtype=DTYPE, requires_grad=True)
     outs = extractor(x)
     loss = x.new_zeros(())
     for b, (node, (y, xx)) in enumerate(jobs):
@@ -92,6 +102,7 @@ def _gradient_boxes(
     loss.backward()
     support = (x.grad != 0).any(dim=1)  # (B, H, W)
     assert (x.grad >= 0).all(), "a positive linear network must have nonnegative gradients"
+    assert x.grad[x.grad > 0].min() > TINY, "gradients close to underflow: use float64"
     result = {}
     for b, job in enumerate(jobs):
         rows = torch.nonzero(support[b].any(dim=1)).flatten()
@@ -158,6 +169,8 @@ MODELS = [
     # every unit after the first squeeze-excitation is whole-input: test up to it
     ("efficientnet_b0", {}, 128, ["features.0", "features.1.0.block.0"]),
     ("convnext_tiny", {}, 96, ["features.0", "features.1.0.add", "features.1.2.add"]),
+    # channel shuffle: view / transpose / view and chunk must keep track of the spatial axes
+    ("shufflenet_v2_x0_5", {}, 128, ["stage2.0.view_1", "stage2.1.view_1", "stage3.3.view_1"]),
 ]
 SLOW = {"vgg16", "resnet50", "densenet121", "convnext_tiny"}
 
@@ -428,3 +441,33 @@ def test_to_original_broadcasts_per_image():
     np.testing.assert_allclose(got[0, 0], [0, 32, 448, 480])
     np.testing.assert_allclose(got[1, 0], [7, 10, 17, 20])
     assert math.isclose(float(to_input(got, transform)[1, 0, 3]), 40.0)
+
+
+class _ValidStride(nn.Module):
+    """A valid stride-2 conv that never reads the last input row, then a padded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_field_is_theoretical_where_the_map_does_not_tile_the_input():
+    # 10 px -> 4 units reading pixels 0..8: pixel 9 is never read. Unit 3 of `b` would see units
+    # 2..4 of `a`; unit 4 does not exist (it is `b`'s zero padding), so the gradient box ends at 9
+    # while the theoretical field ends at 11 (clipped: 10). The field over-estimates there, which is
+    # why the model tests use input sizes whose feature maps tile the input.
+    size = 10
+    model = _ValidStride()
+    field = receptive_fields(model, size, ["b"])["b"]
+    assert field == Field((7, 7), (2, 2), (-2, -2))
+    grads = _gradient_boxes(model, size, ["b"])
+    assert grads[("b", (3, 3))] == (4, 4, 9, 9)
+    assert _clip(field.box(3, 3), size, size) == (4, 4, 10, 10)
+    for (_, (y, x)), got in grads.items():
+        want = _clip(field.box(y, x), size, size)
+        assert got[0] == want[0] and got[1] == want[1]
+        assert got[2] <= want[2] and got[3] <= want[3]
