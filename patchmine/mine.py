@@ -128,8 +128,11 @@ def _run_meta(lm: LoadedModel, corpus: Corpus, layers, k, per_image, input_size,
 def _check_meta(ckpt: Path, saved: dict, now: dict) -> None:
     diff = [key for key in now if saved.get(key) != now[key]]
     if diff:
-        what = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}"
-                         for key in diff if key != "corpus")
+        what = "; ".join(
+            f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}"
+            for key in diff
+            if key != "corpus"
+        )
         if "corpus" in diff:
             what = "the corpus file list differs" + (f"; {what}" if what else "")
         raise UsageError(
@@ -201,7 +204,6 @@ def mine(
         start, stop = i * len(full) // n, (i + 1) * len(full) // n
     else:
         start, stop = 0, len(full)
-    indices = list(range(start, stop))
     workers = _default_workers() if workers is None else workers
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -250,23 +252,38 @@ def mine(
         error = list(state["error"])
 
     def save(cur: int) -> None:
-        store.save_checkpoint(ckpt_path, {
-            "meta": meta, "cursor": cur, "ok": ok, "shape": shape, "transform": transform,
-            "error": error,
-            "topk": {n: c.state_dict() for n, c in collectors.items()},
-            "stats": {n: s.state_dict() for n, s in statistics.items()},
-        })
+        store.save_checkpoint(
+            ckpt_path,
+            {
+                "meta": meta,
+                "cursor": cur,
+                "ok": ok,
+                "shape": shape,
+                "transform": transform,
+                "error": error,
+                "topk": {n: c.state_dict() for n, c in collectors.items()},
+                "stats": {n: s.state_dict() for n, s in statistics.items()},
+            },
+        )
 
     t1 = time.perf_counter()
     with _StopFlag() as stop_flag:
         # First pass: every image of the shard once.
         if cursor < stop:
             loader = make_loader(
-                CorpusDataset(full, input_size, range(cursor, stop)), batch_size, workers,
+                CorpusDataset(full, input_size, range(cursor, stop)),
+                batch_size,
+                workers,
                 pin_memory=dev.type == "cuda",
             )
-            bar = tqdm(total=stop - start, initial=cursor - start, desc="mining", unit="img",
-                       disable=not progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=stop - start,
+                initial=cursor - start,
+                desc="mining",
+                unit="img",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
             batches = 0
             with torch.inference_mode():
                 for batch in loader:
@@ -300,11 +317,31 @@ def mine(
             save(cursor)
         first_s = time.perf_counter() - t1
         summary = _finish(
-            out=out, full=full, start=start, stop=stop, lm=lm, tap=tap, layers=layers,
-            shapes=shapes, fields=fields, collectors=collectors, statistics=statistics,
-            ok=ok, shape=shape, transform=transform, error=error, k=k, per_image=per_image,
-            input_size=input_size, batch_size=batch_size, workers=workers, dev=dev,
-            progress=progress, patch_size=patch_size, shard=shard, stop_flag=stop_flag,
+            out=out,
+            full=full,
+            start=start,
+            stop=stop,
+            lm=lm,
+            tap=tap,
+            layers=layers,
+            shapes=shapes,
+            fields=fields,
+            collectors=collectors,
+            statistics=statistics,
+            ok=ok,
+            shape=shape,
+            transform=transform,
+            error=error,
+            k=k,
+            per_image=per_image,
+            input_size=input_size,
+            batch_size=batch_size,
+            workers=workers,
+            dev=dev,
+            progress=progress,
+            patch_size=patch_size,
+            shard=shard,
+            stop_flag=stop_flag,
         )
     ckpt_path.unlink(missing_ok=True)
     summary.first_pass_seconds = first_s
@@ -313,22 +350,67 @@ def mine(
     return summary
 
 
-def _finish(*, out, full, start, stop, lm, tap, layers, shapes, fields, collectors, statistics,
-            ok, shape, transform, error, k, per_image, input_size, batch_size, workers, dev,
-            progress, patch_size, shard, stop_flag) -> MineSummary:
+def _finish(
+    *,
+    out,
+    full,
+    start,
+    stop,
+    lm,
+    tap,
+    layers,
+    shapes,
+    fields,
+    collectors,
+    statistics,
+    ok,
+    shape,
+    transform,
+    error,
+    k,
+    per_image,
+    input_size,
+    batch_size,
+    workers,
+    dev,
+    progress,
+    patch_size,
+    shard,
+    stop_flag,
+) -> MineSummary:
     """Second pass and atomic write, from complete first-pass state."""
     fill = tuple(int(round(m * 255)) for m in lm.mean)
     plans = []
     for n in layers:
         r = {key: v.cpu().numpy() for key, v in collectors[n].result().items()}
         s = shapes[n]
-        plans.append(LayerPlan(n, fields[n], (s[1], s[2]) if len(s) == 3 else (1, 1),
-                               _patch_size(fields[n], patch_size), r["score"], r["image"], r["yx"]))
+        plans.append(
+            LayerPlan(
+                n,
+                fields[n],
+                (s[1], s[2]) if len(s) == 3 else (1, 1),
+                _patch_size(fields[n], patch_size),
+                r["score"],
+                r["image"],
+                r["yx"],
+            )
+        )
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=out.parent))
     try:
         t2 = time.perf_counter()
-        cut = second_pass(tap, full, input_size, plans, fill, scratch, batch_size, workers, dev,
-                          progress, stop_flag)
+        cut = second_pass(
+            tap,
+            full,
+            input_size,
+            plans,
+            fill,
+            scratch,
+            batch_size,
+            workers,
+            dev,
+            progress,
+            stop_flag,
+        )
         t3 = time.perf_counter()
         sl = slice(start, stop)
         layer_data = {}
@@ -345,34 +427,59 @@ def _finish(*, out, full, start, stop, lm, tap, layers, shapes, fields, collecto
             f = p.field
             layer_data[p.name] = store.LayerData(
                 attrs={
-                    "channels": p.score.shape[0], "fmap_hw": list(p.fmap_hw),
-                    "rf_size": list(f.size), "rf_stride": list(f.stride),
-                    "rf_offset": list(f.offset), "rf_whole": bool(f.whole),
+                    "channels": p.score.shape[0],
+                    "fmap_hw": list(p.fmap_hw),
+                    "rf_size": list(f.size),
+                    "rf_stride": list(f.stride),
+                    "rf_offset": list(f.offset),
+                    "rf_whole": bool(f.whole),
                     "patch_size": p.patch_size,
                 },
-                score=p.score, image=img, yx=p.yx, box=bx, box_orig=bo,
-                patch=cut[p.name][0], heat=cut[p.name][1],
+                score=p.score,
+                image=img,
+                yx=p.yx,
+                box=bx,
+                box_orig=bo,
+                patch=cut[p.name][0],
+                heat=cut[p.name][1],
                 stats={key: v.cpu().numpy() for key, v in st.result().items()},
-                stats_state={key: v.cpu().numpy() for key, v in st.state_dict().items()
-                             if isinstance(v, torch.Tensor)},
+                stats_state={
+                    key: v.cpu().numpy()
+                    for key, v in st.state_dict().items()
+                    if isinstance(v, torch.Tensor)
+                },
             )
         n_images = stop - start
         failed = [j for j in range(start, stop) if not ok[j]]
         attrs = {
-            "model": lm.name, "weights": lm.weights, "input_size": input_size,
-            "mean": list(lm.mean), "std": list(lm.std), "k": k, "per_image": per_image,
-            "n_images": n_images, "n_failed": len(failed),
+            "model": lm.name,
+            "weights": lm.weights,
+            "input_size": input_size,
+            "mean": list(lm.mean),
+            "std": list(lm.std),
+            "k": k,
+            "per_image": per_image,
+            "n_images": n_images,
+            "n_failed": len(failed),
             "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "patchmine_version": patchmine.__version__, "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__, "corpus_roots": list(full.roots),
-            "layer_order": list(layers), "corpus_fingerprint": full.fingerprint(),
-            "n_corpus": len(full), "shard_start": start,
+            "patchmine_version": patchmine.__version__,
+            "torch_version": torch.__version__,
+            "torchvision_version": torchvision.__version__,
+            "corpus_roots": list(full.roots),
+            "layer_order": list(layers),
+            "corpus_fingerprint": full.fingerprint(),
+            "n_corpus": len(full),
+            "shard_start": start,
         }
         if shard is not None:
             attrs["shard"] = list(shard)
         images = {
-            "path": list(full.paths[sl]), "root": np.asarray(full.root_index[sl]),
-            "shape": shape[sl], "ok": ok[sl], "transform": transform[sl], "error": error[sl],
+            "path": list(full.paths[sl]),
+            "root": np.asarray(full.root_index[sl]),
+            "shape": shape[sl],
+            "ok": ok[sl],
+            "transform": transform[sl],
+            "error": error[sl],
         }
         if stop_flag():
             raise KeyboardInterrupt
@@ -381,8 +488,13 @@ def _finish(*, out, full, start, stop, lm, tap, layers, shapes, fields, collecto
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return MineSummary(
-        out=out, n_images=n_images, n_failed=len(failed),
-        failures=[(full.paths[j], error[j]) for j in failed], layers=list(layers), seconds=0.0,
-        second_pass_seconds=t3 - t2, write_seconds=t4 - t3,
+        out=out,
+        n_images=n_images,
+        n_failed=len(failed),
+        failures=[(full.paths[j], error[j]) for j in failed],
+        layers=list(layers),
+        seconds=0.0,
+        second_pass_seconds=t3 - t2,
+        write_seconds=t4 - t3,
         winner_images=len({int(i) for p in plans for i in p.image.reshape(-1) if i >= 0}),
     )

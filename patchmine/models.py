@@ -142,8 +142,20 @@ def load_model(
         UsageError: weights that cannot be loaded (no network, bad checkpoint).
     """
     name = name or DEFAULT_MODEL
+    with torch.random.fork_rng(devices=[]):
+        # random initialization is seeded: "none" names one network, the same in every process
+        torch.manual_seed(0)
+        return _load(name, weights, input_size)
+
+
+def _load(name: str, weights: str | None, input_size: int) -> LoadedModel:
     ckpt = Path(weights) if weights and not _is_none(weights) and Path(weights).is_file() else None
-    if weights and not ckpt and not _is_none(weights) and ("/" in weights or weights.endswith(".pt")):
+    if (
+        weights
+        and not ckpt
+        and not _is_none(weights)
+        and ("/" in weights or weights.endswith(".pt"))
+    ):
         raise UsageError(f"weights file not found: {weights}")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if name == DEFAULT_MODEL:
@@ -159,7 +171,7 @@ def load_model(
         mean, std = lite0.MEAN, lite0.STD
     elif _is_custom(name):
         module = _custom(name)
-        wname = "none" if ckpt is None else ""
+        wname = "factory" if ckpt is None else ""
         mean = tuple(getattr(module, "mean", mean))
         std = tuple(getattr(module, "std", std))
     elif name in torchvision.models.list_models(module=torchvision.models):

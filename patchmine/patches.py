@@ -66,7 +66,10 @@ def cut_patches(
             out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[i, :, sy0:sy1, sx0:sx1]
     if h > patch_size or w > patch_size:
         out = F.interpolate(
-            out.float(), size=(patch_size, patch_size), mode="bilinear", antialias=True,
+            out.float(),
+            size=(patch_size, patch_size),
+            mode="bilinear",
+            antialias=True,
             align_corners=False,
         )
         out = out.round_().clamp_(0, 255).to(torch.uint8)
@@ -120,8 +123,12 @@ def second_pass(
     ids = sorted(winners)
     if not ids:
         return out
-    loader = make_loader(CorpusDataset(corpus, input_size, ids), batch_size, workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        CorpusDataset(corpus, input_size, ids),
+        batch_size,
+        workers,
+        pin_memory=device.type == "cuda",
+    )
     bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
     for batch in loader:
         if should_stop():

@@ -106,7 +106,10 @@ def _safe_text(values) -> list[str]:
 
 
 def write_result(
-    path: str | os.PathLike, attrs: dict, images: dict[str, np.ndarray], layers: dict[str, LayerData]
+    path: str | os.PathLike,
+    attrs: dict,
+    images: dict[str, np.ndarray],
+    layers: dict[str, LayerData],
 ) -> Path:
     """Write a complete result file atomically.
 
@@ -142,10 +145,17 @@ def _write_layer(g: h5py.Group, d: LayerData) -> None:
     g.create_dataset("box", data=np.asarray(d.box, dtype=np.int32))
     g.create_dataset("box_orig", data=np.asarray(d.box_orig, dtype=np.float32))
     c = d.score.shape[0]
-    patch = g.create_dataset("patch", shape=d.patch.shape, dtype=np.uint8,
-                             chunks=(1, *d.patch.shape[1:]))
-    heat = g.create_dataset("heat", shape=d.heat.shape, dtype=np.float16,
-                            chunks=(1, *d.heat.shape[1:]), compression="gzip", compression_opts=1)
+    patch = g.create_dataset(
+        "patch", shape=d.patch.shape, dtype=np.uint8, chunks=(1, *d.patch.shape[1:])
+    )
+    heat = g.create_dataset(
+        "heat",
+        shape=d.heat.shape,
+        dtype=np.float16,
+        chunks=(1, *d.heat.shape[1:]),
+        compression="gzip",
+        compression_opts=1,
+    )
     for ch in range(c):
         patch[ch] = d.patch[ch]
         heat[ch] = d.heat[ch]

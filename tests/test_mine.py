@@ -1,0 +1,357 @@
+"""Mining end to end: brute-force exactness, invariance to batching/workers, resume, faithful patches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import patchmine
+from patchmine.corpus import CorpusDataset, discover
+from patchmine.errors import UsageError
+from patchmine.mine import mine
+from patchmine.models import load_model
+from patchmine.receptive import boxes, receptive_fields
+from patchmine.taps import Tap
+from tests.conftest import assert_same_file, write_corpus
+
+LITE0_LAYERS = ["_blocks.2.add", "_blocks.7.add", "_fc"]
+CASES = {
+    "tiny": (None, ["pool", "add", "head"], 64),
+    "lite0": ("efficientnet_lite0", LITE0_LAYERS, 96),
+}
+
+
+def _model(case, tiny_model):
+    name, layers, size = CASES[case]
+    return (name or tiny_model), layers, size
+
+
+def _iou(a, b) -> float:
+    iy = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ix = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iy * ix
+    area = (a[2] - a[0]) * (a[3] - a[1])
+    return inter / (2 * area - inter)
+
+
+def brute_force(model, layers, size, corpus_dir, k, per_image):
+    """Every activation of every image, sorted by hand: the reference the file must equal."""
+    lm = load_model(model, "none", size)
+    corpus = discover([corpus_dir])
+    ds = CorpusDataset(corpus, size)
+    tap = Tap(lm.module, layers, lm.mean, lm.std)
+    fields = receptive_fields(lm.module, size, layers)
+    acts = {n: [] for n in layers}
+    index = []
+    with torch.inference_mode():
+        for i in range(len(ds)):
+            item = ds[i]
+            if item["ok"]:
+                out = tap(item["pixels"][None])
+                for n in layers:
+                    a = out[n][0]
+                    acts[n].append((a if a.ndim == 3 else a[:, None, None]).numpy())
+                index.append(i)
+    ref = {}
+    for n in layers:
+        a = np.stack(acts[n])  # (N, C, H, W)
+        _, c, h, w = a.shape
+        loc_boxes = boxes(fields[n], np.stack(np.divmod(np.arange(h * w), w), -1))
+        score = np.full((c, k), np.nan, np.float32)
+        image = np.full((c, k), -1, np.int64)
+        yx = np.zeros((c, k, 2), np.int32)
+        for ch in range(c):
+            entries = []
+            for row, img in enumerate(index):
+                flat = a[row, ch].reshape(-1)
+                order = sorted(range(h * w), key=lambda j, f=flat: (-f[j], j))
+                kept: list[int] = []
+                for j in order:
+                    if len(kept) == per_image:
+                        break
+                    if all(_iou(loc_boxes[j], loc_boxes[q]) <= 0.5 for q in kept):
+                        kept.append(j)
+                entries += [(-float(flat[j]), img, j) for j in kept]
+            entries.sort()
+            for slot, (neg, img, j) in enumerate(entries[:k]):
+                score[ch, slot], image[ch, slot] = -neg, img
+                yx[ch, slot] = divmod(j, w)
+        ref[n] = (score, image, yx, a)
+    return ref, fields
+
+
+@pytest.mark.parametrize("case", ["tiny", "lite0"])
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_matches_brute_force_and_is_invariant(tmp_path, corpus_dir, tiny_model, case, per_image):
+    model, layers, size = _model(case, tiny_model)
+    k = 4
+    ref, fields = brute_force(model, layers, size, corpus_dir, k, per_image)
+    outs = []
+    for bs, workers in [(16, 0), (3, 2), (1, 0)]:
+        out = tmp_path / f"b{bs}w{workers}.h5"
+        mine(
+            [corpus_dir],
+            out,
+            model=model,
+            weights="none",
+            layers=layers,
+            k=k,
+            per_image=per_image,
+            input_size=size,
+            batch_size=bs,
+            workers=workers,
+            progress=False,
+        )
+        outs.append(out)
+    for other in outs[1:]:
+        assert_same_file(outs[0], other)
+    with patchmine.open(outs[0]) as r:
+        assert r.layers == layers
+        for n in layers:
+            lr = r.layer(n)
+            score, image, yx, a = ref[n]
+            assert np.array_equal(lr.score, score, equal_nan=True), n
+            assert np.array_equal(lr.image, image), n
+            used = image >= 0
+            assert np.array_equal(lr.yx[used], yx[used]), n
+            assert np.array_equal(lr.box[used], boxes(fields[n], yx[used])), n
+            st = lr.stats()
+            assert np.array_equal(st["count"], np.full(a.shape[1], a[:, 0].size))
+            assert np.array_equal(st["max"], a.max(axis=(0, 2, 3)))
+            assert np.allclose(st["mean"], a.mean(axis=(0, 2, 3), dtype=np.float64), atol=1e-5)
+            assert lr.heat(0).shape == (k, *a.shape[2:])
+
+
+def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
+    out = tmp_path / "r.h5"
+    s = mine(
+        [corpus_dir],
+        out,
+        model=tiny_model,
+        weights="none",
+        layers=["pool", "head"],
+        k=3,
+        input_size=64,
+        progress=False,
+    )
+    assert s.n_images == len(discover([corpus_dir])) and s.n_failed == 0
+    with patchmine.open(out) as r:
+        a = r.attrs
+        for key in [
+            "model",
+            "weights",
+            "input_size",
+            "mean",
+            "std",
+            "k",
+            "per_image",
+            "n_images",
+            "n_failed",
+            "created_utc",
+            "patchmine_version",
+            "torch_version",
+            "torchvision_version",
+            "corpus_roots",
+        ]:
+            assert key in a, key
+        assert a["format"] == "patchmine" and a["version"] == 1
+        pool, head = r.layer("pool"), r.layer("head")
+        assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
+        assert pool.patches(0).shape == (3, 9, 9, 3)
+        assert head.attrs["rf_whole"] and head.attrs["fmap_hw"] == [1, 1]
+        assert np.array_equal(head.box[:, 0], np.tile([0, 0, 64, 64], (5, 1)))
+        assert head.patches(0).shape == (3, 64, 64, 3)
+        rec = pool.records(0)[0]
+        assert r.image_file(rec["image"]).is_file() and rec["score"] == pool.score[0, 0]
+        with pytest.raises(KeyError, match="pool"):
+            r.layer("pol")
+
+
+def test_patches_are_faithful(tmp_path, corpus_dir, tiny_model):
+    """Paste a patch at its box into a mean-colored input: the unit gives the recorded score."""
+    size, layers = 64, ["pool", "add"]
+    out = tmp_path / "f.h5"
+    mine(
+        [corpus_dir],
+        out,
+        model=tiny_model,
+        weights="none",
+        layers=layers,
+        k=3,
+        input_size=size,
+        progress=False,
+    )
+    lm = load_model(tiny_model, "none", size)
+    tap = Tap(lm.module, layers, lm.mean, lm.std)
+    fill = np.array([round(m * 255) for m in lm.mean], np.uint8)
+    checked = 0
+    with patchmine.open(out) as r, torch.inference_mode():
+        for n in layers:
+            lr = r.layer(n)
+            assert max(lr.attrs["rf_size"]) <= lr.patch_size  # not resampled
+            for ch in range(lr.channels):
+                patches = lr.patches(ch)
+                for slot in range(lr.k):
+                    y0, x0, y1, x1 = lr.box[ch, slot]
+                    canvas = np.tile(fill, (size, size, 1))
+                    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, size), min(x1, size)
+                    canvas[sy0:sy1, sx0:sx1] = patches[
+                        slot, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0
+                    ]
+                    outside = np.ones((y1 - y0, x1 - x0), bool)
+                    outside[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = False
+                    assert (patches[slot][outside] == fill).all()
+                    px = torch.from_numpy(canvas.transpose(2, 0, 1).copy())[None]
+                    y, x = lr.yx[ch, slot]
+                    got = float(tap(px)[n][0, ch, y, x])
+                    assert got == pytest.approx(float(lr.score[ch, slot]), rel=1e-4, abs=1e-5)
+                    checked += 1
+    assert checked > 20
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen(
+        [sys.executable, "-m", "patchmine", "mine", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def test_sigkill_then_resume_gives_the_same_file(tmp_path, tiny_model):
+    corpus = write_corpus(tmp_path / "c", 160, seed=3)
+    common = [
+        "--model",
+        tiny_model,
+        "--weights",
+        "none",
+        "--layers",
+        "pool,add,head",
+        "-k",
+        "5",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "-q",
+    ]
+    ref = tmp_path / "ref.h5"
+    p = _run_cli([str(corpus), "--out", str(ref), *common])
+    assert p.wait() == 0, p.stderr.read()
+    out = tmp_path / "run.h5"
+    ckpt = tmp_path / "run.h5.ckpt"
+    p = _run_cli([str(corpus), "--out", str(out), "--checkpoint-every", "3", *common])
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"
+    assert not out.exists()
+    cursor = torch.load(ckpt, weights_only=False)["cursor"]
+    assert 0 < cursor < 161
+    # the same command without --resume refuses to clobber the checkpoint
+    q = _run_cli([str(corpus), "--out", str(out), *common])
+    assert q.wait() == 2 and b"--resume" in q.stderr.read()
+    r = _run_cli([str(corpus), "--out", str(out), "--resume", *common])
+    assert r.wait() == 0, r.stderr.read()
+    assert not ckpt.exists()
+    assert_same_file(ref, out)
+
+
+def test_resume_refuses_changed_settings(tmp_path, corpus_dir, tiny_model):
+    out = tmp_path / "x.h5"
+    mine(
+        [corpus_dir],
+        out,
+        model=tiny_model,
+        weights="none",
+        layers=["pool"],
+        k=3,
+        input_size=64,
+        progress=False,
+    )
+    ckpt = tmp_path / "y.h5.ckpt"
+    # make a checkpoint by interrupting a run right at its first batch
+    import patchmine.mine as m
+
+    calls = {"n": 0}
+    real = m.TopK.add
+
+    def interrupt(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a)
+
+    m.TopK.add = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mine(
+                [corpus_dir],
+                tmp_path / "y.h5",
+                model=tiny_model,
+                weights="none",
+                layers=["pool"],
+                k=3,
+                input_size=64,
+                batch_size=2,
+                progress=False,
+            )
+    finally:
+        m.TopK.add = real
+    assert ckpt.exists() and not (tmp_path / "y.h5").exists()
+    for change, match in [
+        ({"k": 4}, "k: checkpoint 3, now 4"),
+        ({"layers": ["add"]}, "layers"),
+        ({"per_image": 2}, "per_image"),
+    ]:
+        args = {
+            "model": tiny_model,
+            "weights": "none",
+            "layers": ["pool"],
+            "k": 3,
+            "input_size": 64,
+            **change,
+        }
+        with pytest.raises(UsageError, match=match):
+            mine([corpus_dir], tmp_path / "y.h5", resume=True, progress=False, **args)
+    with pytest.raises(UsageError, match="corpus"):
+        mine(
+            [corpus_dir / "img_000.jpg"],
+            tmp_path / "y.h5",
+            resume=True,
+            progress=False,
+            model=tiny_model,
+            weights="none",
+            layers=["pool"],
+            k=3,
+            input_size=64,
+        )
+    s = mine(
+        [corpus_dir],
+        tmp_path / "y.h5",
+        resume=True,
+        progress=False,
+        model=tiny_model,
+        weights="none",
+        layers=["pool"],
+        k=3,
+        input_size=64,
+        batch_size=2,
+    )
+    assert s.resumed_from > 0
+    with patchmine.open(out) as a, patchmine.open(tmp_path / "y.h5") as b:
+        assert np.array_equal(a.layer("pool").score, b.layer("pool").score, equal_nan=True)
