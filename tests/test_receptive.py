@@ -87,8 +87,8 @@ def _gradient_boxes(
     All units go in one batch: item b backprops only its own unit, and a linear network with no
     batch statistics keeps the items independent.
     """
-    lin = _linearize(model)
-    extractor = create_feature_extractor(lin, return_nodes=nodes)
+    # cut first (the copy then holds only the layers needed), then linearize the cut graph
+    extractor = _linearize(create_feature_extractor(model.eval(), return_nodes=nodes))
     with torch.no_grad():
         shapes = {
             k: v.shape for k, v in extractor(torch.ones(1, 3, size, size, dtype=DTYPE)).items()
