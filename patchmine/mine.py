@@ -1,6 +1,6 @@
 """Mining a corpus: the first pass (top-k + statistics), the second pass, the result file.
 
-Public names: mine, MineSummary.
+Public names: mine, Miner, MineSummary, DEFAULT_PATCH_SIZE.
 
 The first pass streams every image once through the tapped model and feeds per-layer collectors whose
 state is checkpointed every few batches; the second pass re-reads only winner images; the result is
@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +29,14 @@ import patchmine
 from patchmine import store
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader
 from patchmine.errors import UsageError
-from patchmine.models import LoadedModel, load_model
+from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
-from patchmine.receptive import Field, boxes, receptive_fields, to_original
+from patchmine.receptive import boxes, receptive_fields, to_original
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
 from patchmine.topk import TopK
 
-__all__ = ["mine", "MineSummary", "DEFAULT_PATCH_SIZE"]
+__all__ = ["mine", "Miner", "MineSummary", "DEFAULT_PATCH_SIZE"]
 
 DEFAULT_PATCH_SIZE = 96
 
@@ -110,22 +110,7 @@ def _checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def _run_meta(lm: LoadedModel, corpus: Corpus, layers, k, per_image, input_size, shard) -> dict:
-    """What a checkpoint must agree on to be resumed."""
-    return {
-        "model": lm.name,
-        "weights": lm.weights,
-        "layers": list(layers),
-        "k": k,
-        "per_image": per_image,
-        "input_size": input_size,
-        "corpus": corpus.fingerprint(),
-        "n_images": len(corpus),
-        "shard": list(shard) if shard else None,
-    }
-
-
-def _check_meta(ckpt: Path, saved: dict, now: dict) -> None:
+def _check_meta(source: str, saved: dict, now: dict) -> None:
     diff = [key for key in now if saved.get(key) != now[key]]
     if diff:
         what = "; ".join(
@@ -136,13 +121,302 @@ def _check_meta(ckpt: Path, saved: dict, now: dict) -> None:
         if "corpus" in diff:
             what = "the corpus file list differs" + (f"; {what}" if what else "")
         raise UsageError(
-            f"cannot resume from {ckpt}: {what}. Run with the same settings, or delete the "
+            f"cannot resume from {source}: {what}. Run with the same settings, or delete the "
             "checkpoint (or pass --force) to start over"
         )
 
 
-def _patch_size(field_: Field, cap: int) -> int:
-    return min(max(field_.size), cap)
+class Miner:
+    """One run over a slice ``start:stop`` of a corpus: model, collectors, image records.
+
+    Its state (collectors, statistics, image records, cursor) saves to and loads from a checkpoint
+    and merges with the state of another slice (see :mod:`patchmine.merge`).
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        *,
+        model: str | None,
+        weights: str | None,
+        layers: Sequence[str] | None,
+        k: int,
+        per_image: int,
+        input_size: int,
+        device: str | torch.device = "cpu",
+        patch_size: int = DEFAULT_PATCH_SIZE,
+        shard: tuple[int, int] | None = None,
+    ):
+        self.corpus = corpus
+        self.k, self.per_image, self.input_size = k, per_image, input_size
+        self.patch_size, self.shard = patch_size, shard
+        n = len(corpus)
+        self.start, self.stop = (0, n) if shard is None else _shard_range(n, *shard)
+        self.cursor = self.start
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here")
+        self.model = load_model(model, weights, input_size)
+        self.shapes = node_shapes(self.model.module, input_size)
+        self.layers = resolve_layers(self.shapes, layers) if layers else default_layers(self.shapes)
+        self.fields = receptive_fields(self.model.module, input_size, self.layers)
+        self.model.module.to(self.device)
+        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
+        self.tap.to(self.device).eval()
+        self.topk = {
+            name: TopK(
+                self.shapes[name][0],
+                k,
+                per_image,
+                self.fmap_hw(name),
+                self.fields[name].size,
+                self.fields[name].stride,
+                device=self.device,
+            )
+            for name in self.layers
+        }
+        self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
+        self.ok = np.zeros(n, dtype=bool)
+        self.shape = np.zeros((n, 2), dtype=np.int32)
+        self.transform = np.zeros((n, 3), dtype=np.float32)
+        self.error = [""] * n
+
+    def fmap_hw(self, name: str) -> tuple[int, int]:
+        s = self.shapes[name]
+        return (s[1], s[2]) if len(s) == 3 else (1, 1)
+
+    @property
+    def meta(self) -> dict:
+        """What a checkpoint must agree on to be resumed."""
+        lm = self.model
+        return {
+            "model": lm.name,
+            "weights": lm.weights,
+            "layers": list(self.layers),
+            "k": self.k,
+            "per_image": self.per_image,
+            "input_size": self.input_size,
+            "corpus": self.corpus.fingerprint(),
+            "n_images": len(self.corpus),
+            "shard": list(self.shard) if self.shard else None,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "meta": self.meta,
+            "cursor": self.cursor,
+            "ok": self.ok,
+            "shape": self.shape,
+            "transform": self.transform,
+            "error": self.error,
+            "topk": {n: c.state_dict() for n, c in self.topk.items()},
+            "stats": {n: s.state_dict() for n, s in self.stats.items()},
+        }
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        _check_meta(source, state["meta"], self.meta)
+        self.cursor = int(state["cursor"])
+        for n in self.layers:
+            self.topk[n].load_state_dict(state["topk"][n])
+            self.stats[n].load_state_dict(state["stats"][n])
+        self.ok[:], self.shape[:], self.transform[:] = (
+            state["ok"],
+            state["shape"],
+            state["transform"],
+        )
+        self.error = list(state["error"])
+
+    @torch.inference_mode()
+    def first_pass(
+        self,
+        batch_size: int,
+        workers: int,
+        progress: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+        checkpoint: Callable[[], None] | None = None,
+        checkpoint_every: int = 0,
+    ) -> None:
+        """Stream images ``cursor:stop`` once through the model into the collectors.
+
+        ``checkpoint`` is called every ``checkpoint_every`` batches and when ``should_stop`` turns
+        true (then KeyboardInterrupt is raised), always between batches.
+        """
+        if self.cursor >= self.stop:
+            return
+        dev = self.device
+        loader = make_loader(
+            CorpusDataset(self.corpus, self.input_size, range(self.cursor, self.stop)),
+            batch_size,
+            workers,
+            pin_memory=dev.type == "cuda",
+        )
+        bar = tqdm(
+            total=self.stop - self.start,
+            initial=self.cursor - self.start,
+            desc="mining",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for batches, batch in enumerate(loader, 1):
+                idx, good = batch["index"], batch["ok"]
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                self.ok[lo:hi] = good.numpy()
+                self.shape[lo:hi] = batch["shape"].numpy()
+                self.transform[lo:hi] = batch["transform"].numpy()
+                self.error[lo:hi] = batch["error"]
+                pixels = batch["pixels"]
+                if not bool(good.all()):
+                    pixels, idx = pixels[good], idx[good]
+                if len(idx):
+                    acts = self.tap(pixels.to(dev, non_blocking=True))
+                    idx = idx.to(dev, non_blocking=True)
+                    for n in self.layers:
+                        self.topk[n].add(acts[n], idx)
+                        self.stats[n].add(acts[n])
+                self.cursor = hi
+                bar.update(hi - lo)
+                if should_stop():
+                    if checkpoint:
+                        checkpoint()
+                    raise KeyboardInterrupt
+                if checkpoint and checkpoint_every and batches % checkpoint_every == 0:
+                    checkpoint()
+
+    def plans(self) -> list[LayerPlan]:
+        """The winners of every layer, as the second pass needs them."""
+        plans = []
+        for n in self.layers:
+            r = {key: v.cpu().numpy() for key, v in self.topk[n].result().items()}
+            f = self.fields[n]
+            size = min(max(f.size), self.patch_size)
+            plans.append(LayerPlan(n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"]))
+        return plans
+
+    def layer_data(self, plan: LayerPlan, patch: np.ndarray, heat: np.ndarray) -> store.LayerData:
+        """One layer's datasets for the file, with image indices local to this slice."""
+        used = plan.image >= 0
+        bx = boxes(plan.field, plan.yx).astype(np.int32)
+        bx[~used] = 0
+        bo = to_original(bx, self.transform[np.where(used, plan.image, 0)]).astype(np.float32)
+        bo[~used] = np.nan
+        f, st = plan.field, self.stats[plan.name]
+        return store.LayerData(
+            attrs={
+                "channels": plan.score.shape[0],
+                "fmap_hw": list(plan.fmap_hw),
+                "rf_size": list(f.size),
+                "rf_stride": list(f.stride),
+                "rf_offset": list(f.offset),
+                "rf_whole": bool(f.whole),
+                "patch_size": plan.patch_size,
+            },
+            score=plan.score,
+            image=np.where(used, plan.image - self.start, -1),
+            yx=plan.yx,
+            box=bx,
+            box_orig=bo,
+            patch=patch,
+            heat=heat,
+            stats={key: v.cpu().numpy() for key, v in st.result().items()},
+            stats_state={
+                key: v.cpu().numpy()
+                for key, v in st.state_dict().items()
+                if isinstance(v, torch.Tensor)
+            },
+        )
+
+    def file_attrs(self) -> dict:
+        lm, sl = self.model, slice(self.start, self.stop)
+        attrs = {
+            "model": lm.name,
+            "weights": lm.weights,
+            "input_size": self.input_size,
+            "mean": list(lm.mean),
+            "std": list(lm.std),
+            "k": self.k,
+            "per_image": self.per_image,
+            "n_images": self.stop - self.start,
+            "n_failed": int((~self.ok[sl]).sum()),
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "patchmine_version": patchmine.__version__,
+            "torch_version": torch.__version__,
+            "torchvision_version": torchvision.__version__,
+            "corpus_roots": list(self.corpus.roots),
+            "layer_order": list(self.layers),
+            "corpus_fingerprint": self.corpus.fingerprint(),
+            "n_corpus": len(self.corpus),
+            "shard_start": self.start,
+        }
+        if self.shard is not None:
+            attrs["shard"] = list(self.shard)
+        return attrs
+
+    def images(self) -> dict:
+        sl = slice(self.start, self.stop)
+        return {
+            "path": list(self.corpus.paths[sl]),
+            "root": np.asarray(self.corpus.root_index[sl]),
+            "shape": self.shape[sl],
+            "ok": self.ok[sl],
+            "transform": self.transform[sl],
+            "error": self.error[sl],
+        }
+
+    def finish(
+        self,
+        out: Path,
+        batch_size: int,
+        workers: int,
+        progress: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> MineSummary:
+        """The second pass over the winner images, then the atomic write of ``out``."""
+        fill = tuple(int(round(m * 255)) for m in self.model.mean)
+        plans = self.plans()
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=out.parent))
+        try:
+            t0 = time.perf_counter()
+            cut = second_pass(
+                self.tap,
+                self.corpus,
+                self.input_size,
+                plans,
+                fill,
+                scratch,
+                batch_size,
+                workers,
+                self.device,
+                progress,
+                should_stop,
+            )
+            t1 = time.perf_counter()
+            layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
+            if should_stop():
+                raise KeyboardInterrupt
+            store.write_result(out, self.file_attrs(), self.images(), layers)
+            t2 = time.perf_counter()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        failed = [j for j in range(self.start, self.stop) if not self.ok[j]]
+        return MineSummary(
+            out=out,
+            n_images=self.stop - self.start,
+            n_failed=len(failed),
+            failures=[(self.corpus.paths[j], self.error[j]) for j in failed],
+            layers=list(self.layers),
+            seconds=0.0,
+            second_pass_seconds=t1 - t0,
+            write_seconds=t2 - t1,
+            winner_images=len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))),
+        )
+
+
+def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
+    if not (count >= 1 and 0 <= i < count):
+        raise UsageError(f"shard must be I/N with 0 <= I < N, got {i}/{count}")
+    return i * n // count, (i + 1) * n // count
 
 
 def mine(
@@ -186,315 +460,53 @@ def mine(
         A summary of the run. Raises UsageError on bad arguments before any work is done.
     """
     t0 = time.perf_counter()
-    if k < 1:
-        raise UsageError(f"k must be at least 1, got {k}")
-    if per_image < 1:
-        raise UsageError(f"per-image must be at least 1, got {per_image}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    if patch_size < 1:
-        raise UsageError(f"patch size must be at least 1, got {patch_size}")
+    for what, v in [
+        ("k", k),
+        ("per-image", per_image),
+        ("batch size", batch_size),
+        ("patch size", patch_size),
+    ]:
+        if v < 1:
+            raise UsageError(f"{what} must be at least 1, got {v}")
     out = store.check_writable(out, force=force, resume=resume)
-    ckpt_path = _checkpoint_path(out)
-    full = discover(sources)
-    if shard is not None:
-        i, n = shard
-        if not (n >= 1 and 0 <= i < n):
-            raise UsageError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
-        start, stop = i * len(full) // n, (i + 1) * len(full) // n
-    else:
-        start, stop = 0, len(full)
+    ckpt = _checkpoint_path(out)
+    corpus = discover(sources)
     workers = _default_workers() if workers is None else workers
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available here")
-
-    lm = load_model(model, weights, input_size)
-    shapes = node_shapes(lm.module, input_size)
-    layers = resolve_layers(shapes, layers) if layers else default_layers(shapes)
-    fields = receptive_fields(lm.module, input_size, layers)
-    meta = _run_meta(lm, full, layers, k, per_image, input_size, shard)
-    lm.module.to(dev)
-    tap = Tap(lm.module, layers, lm.mean, lm.std).to(dev).eval()
-
-    def fmap(name: str) -> tuple[int, int]:
-        s = shapes[name]
-        return (s[1], s[2]) if len(s) == 3 else (1, 1)
-
-    collectors = {
-        n: TopK(shapes[n][0], k, per_image, fmap(n), fields[n].size, fields[n].stride, device=dev)
-        for n in layers
-    }
-    statistics = {n: RunningStats(shapes[n][0], device=dev) for n in layers}
-    n_total = len(full)
-    ok = np.zeros(n_total, dtype=bool)
-    shape = np.zeros((n_total, 2), dtype=np.int32)
-    transform = np.zeros((n_total, 3), dtype=np.float32)
-    error = [""] * n_total
-    cursor = start
-    if ckpt_path.exists() and force:
-        ckpt_path.unlink()
-    if ckpt_path.exists() and not resume:
+    miner = Miner(
+        corpus,
+        model=model,
+        weights=weights,
+        layers=layers,
+        k=k,
+        per_image=per_image,
+        input_size=input_size,
+        device=device,
+        patch_size=patch_size,
+        shard=shard,
+    )
+    if ckpt.exists() and force:
+        ckpt.unlink()
+    if ckpt.exists() and not resume:
         raise UsageError(
-            f"{ckpt_path} holds an interrupted run: pass --resume to continue it, "
+            f"{ckpt} holds an interrupted run: pass --resume to continue it, "
             "or --force to start over"
         )
-    resumed_from = 0
-    if resume and ckpt_path.exists():
-        state = store.load_checkpoint(ckpt_path)
-        _check_meta(ckpt_path, state["meta"], meta)
-        cursor = int(state["cursor"])
-        resumed_from = cursor
-        for n in layers:
-            collectors[n].load_state_dict(state["topk"][n])
-            statistics[n].load_state_dict(state["stats"][n])
-        ok[:], shape[:], transform[:] = state["ok"], state["shape"], state["transform"]
-        error = list(state["error"])
+    if resume and ckpt.exists():
+        miner.load_state_dict(store.load_checkpoint(ckpt), source=str(ckpt))
+    resumed_from = miner.cursor if miner.cursor > miner.start else 0
 
-    def save(cur: int) -> None:
-        store.save_checkpoint(
-            ckpt_path,
-            {
-                "meta": meta,
-                "cursor": cur,
-                "ok": ok,
-                "shape": shape,
-                "transform": transform,
-                "error": error,
-                "topk": {n: c.state_dict() for n, c in collectors.items()},
-                "stats": {n: s.state_dict() for n, s in statistics.items()},
-            },
-        )
+    def save() -> None:
+        store.save_checkpoint(ckpt, miner.state_dict())
 
-    t1 = time.perf_counter()
     with _StopFlag() as stop_flag:
-        # First pass: every image of the shard once.
-        if cursor < stop:
-            loader = make_loader(
-                CorpusDataset(full, input_size, range(cursor, stop)),
-                batch_size,
-                workers,
-                pin_memory=dev.type == "cuda",
-            )
-            bar = tqdm(
-                total=stop - start,
-                initial=cursor - start,
-                desc="mining",
-                unit="img",
-                disable=not progress,
-                dynamic_ncols=True,
-            )
-            batches = 0
-            with torch.inference_mode():
-                for batch in loader:
-                    idx = batch["index"]
-                    good = batch["ok"]
-                    lo, hi = int(idx[0]), int(idx[-1]) + 1
-                    ok[lo:hi] = good.numpy()
-                    shape[lo:hi] = batch["shape"].numpy()
-                    transform[lo:hi] = batch["transform"].numpy()
-                    for j, e in zip(range(lo, hi), batch["error"], strict=True):
-                        error[j] = e
-                    pixels = batch["pixels"]
-                    if not bool(good.all()):
-                        pixels, idx = pixels[good], idx[good]
-                    if len(idx):
-                        acts = tap(pixels.to(dev, non_blocking=True))
-                        idx = idx.to(dev, non_blocking=True)
-                        for n in layers:
-                            collectors[n].add(acts[n], idx)
-                            statistics[n].add(acts[n])
-                    cursor = hi
-                    batches += 1
-                    bar.update(hi - lo)
-                    if stop_flag():
-                        save(cursor)
-                        bar.close()
-                        raise KeyboardInterrupt
-                    if checkpoint_every and batches % checkpoint_every == 0:
-                        save(cursor)
-            bar.close()
-            save(cursor)
+        t1 = time.perf_counter()
+        if miner.cursor < miner.stop:
+            miner.first_pass(batch_size, workers, progress, stop_flag, save, checkpoint_every)
+            save()
         first_s = time.perf_counter() - t1
-        summary = _finish(
-            out=out,
-            full=full,
-            start=start,
-            stop=stop,
-            lm=lm,
-            tap=tap,
-            layers=layers,
-            shapes=shapes,
-            fields=fields,
-            collectors=collectors,
-            statistics=statistics,
-            ok=ok,
-            shape=shape,
-            transform=transform,
-            error=error,
-            k=k,
-            per_image=per_image,
-            input_size=input_size,
-            batch_size=batch_size,
-            workers=workers,
-            dev=dev,
-            progress=progress,
-            patch_size=patch_size,
-            shard=shard,
-            stop_flag=stop_flag,
-        )
-    ckpt_path.unlink(missing_ok=True)
+        summary = miner.finish(out, batch_size, workers, progress, stop_flag)
+    ckpt.unlink(missing_ok=True)
     summary.first_pass_seconds = first_s
     summary.seconds = time.perf_counter() - t0
     summary.resumed_from = resumed_from
     return summary
-
-
-def _finish(
-    *,
-    out,
-    full,
-    start,
-    stop,
-    lm,
-    tap,
-    layers,
-    shapes,
-    fields,
-    collectors,
-    statistics,
-    ok,
-    shape,
-    transform,
-    error,
-    k,
-    per_image,
-    input_size,
-    batch_size,
-    workers,
-    dev,
-    progress,
-    patch_size,
-    shard,
-    stop_flag,
-) -> MineSummary:
-    """Second pass and atomic write, from complete first-pass state."""
-    fill = tuple(int(round(m * 255)) for m in lm.mean)
-    plans = []
-    for n in layers:
-        r = {key: v.cpu().numpy() for key, v in collectors[n].result().items()}
-        s = shapes[n]
-        plans.append(
-            LayerPlan(
-                n,
-                fields[n],
-                (s[1], s[2]) if len(s) == 3 else (1, 1),
-                _patch_size(fields[n], patch_size),
-                r["score"],
-                r["image"],
-                r["yx"],
-            )
-        )
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=out.parent))
-    try:
-        t2 = time.perf_counter()
-        cut = second_pass(
-            tap,
-            full,
-            input_size,
-            plans,
-            fill,
-            scratch,
-            batch_size,
-            workers,
-            dev,
-            progress,
-            stop_flag,
-        )
-        t3 = time.perf_counter()
-        sl = slice(start, stop)
-        layer_data = {}
-        for p in plans:
-            used = p.image >= 0
-            bx = boxes(p.field, p.yx).astype(np.int32)
-            bx[~used] = 0
-            tr = transform[np.where(used, p.image, 0)]
-            bo = to_original(bx, tr).astype(np.float32)
-            bo[~used] = np.nan
-            # shards store local image indices (their own /images), the merge maps them back
-            img = np.where(used, p.image - start, -1)
-            st = statistics[p.name]
-            f = p.field
-            layer_data[p.name] = store.LayerData(
-                attrs={
-                    "channels": p.score.shape[0],
-                    "fmap_hw": list(p.fmap_hw),
-                    "rf_size": list(f.size),
-                    "rf_stride": list(f.stride),
-                    "rf_offset": list(f.offset),
-                    "rf_whole": bool(f.whole),
-                    "patch_size": p.patch_size,
-                },
-                score=p.score,
-                image=img,
-                yx=p.yx,
-                box=bx,
-                box_orig=bo,
-                patch=cut[p.name][0],
-                heat=cut[p.name][1],
-                stats={key: v.cpu().numpy() for key, v in st.result().items()},
-                stats_state={
-                    key: v.cpu().numpy()
-                    for key, v in st.state_dict().items()
-                    if isinstance(v, torch.Tensor)
-                },
-            )
-        n_images = stop - start
-        failed = [j for j in range(start, stop) if not ok[j]]
-        attrs = {
-            "model": lm.name,
-            "weights": lm.weights,
-            "input_size": input_size,
-            "mean": list(lm.mean),
-            "std": list(lm.std),
-            "k": k,
-            "per_image": per_image,
-            "n_images": n_images,
-            "n_failed": len(failed),
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "patchmine_version": patchmine.__version__,
-            "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__,
-            "corpus_roots": list(full.roots),
-            "layer_order": list(layers),
-            "corpus_fingerprint": full.fingerprint(),
-            "n_corpus": len(full),
-            "shard_start": start,
-        }
-        if shard is not None:
-            attrs["shard"] = list(shard)
-        images = {
-            "path": list(full.paths[sl]),
-            "root": np.asarray(full.root_index[sl]),
-            "shape": shape[sl],
-            "ok": ok[sl],
-            "transform": transform[sl],
-            "error": error[sl],
-        }
-        if stop_flag():
-            raise KeyboardInterrupt
-        store.write_result(out, attrs, images, layer_data)
-        t4 = time.perf_counter()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return MineSummary(
-        out=out,
-        n_images=n_images,
-        n_failed=len(failed),
-        failures=[(full.paths[j], error[j]) for j in failed],
-        layers=list(layers),
-        seconds=0.0,
-        second_pass_seconds=t3 - t2,
-        write_seconds=t4 - t3,
-        winner_images=len({int(i) for p in plans for i in p.image.reshape(-1) if i >= 0}),
-    )
