@@ -971,7 +971,7 @@ def render(
                     for f in pending:
                         f.cancel()
                     bar.close()
-                _overview_image(info, thumbs).save(folder / "overview.png", **PNG)
+                _overview_image(info, thumbs).save(folder / "overview.png", compress_level=6)
                 (folder / "index.html").write_text(_layer_page(info, sel), encoding="utf-8")
                 entries.append((lr.name, slug, info, len(sel)))
         index = out / "index.html"
