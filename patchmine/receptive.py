@@ -403,7 +403,10 @@ class _Analyzer(fx.Interpreter):
             return out, found
         if not found:
             return out, None
-        return out, found[0] if len(found) == 1 else _combine(found, self.where(n))
+        try:
+            return out, found[0] if len(found) == 1 else _combine(found, self.where(n))
+        except _Refuse as exc:
+            return out, _Unsupported(str(exc))
 
     def _state(self, n: fx.Node, refs, args: tuple, kwargs: dict, out: Any) -> Any:
         if n.op in ("get_attr", "output"):
