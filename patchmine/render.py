@@ -318,7 +318,10 @@ def _read_channel(layer, c: int) -> _Channel:
     if not 0 <= c < info.channels:
         raise UsageError(f"layer {layer.name!r} has channels 0..{info.channels - 1}, not {c}")
     return _Channel(
-        info, c, layer.records(c), np.asarray(layer.patches(c)),
+        info,
+        c,
+        layer.records(c),
+        np.asarray(layer.patches(c)),
         np.asarray(layer.heat(c), dtype=np.float32),
     )
 
@@ -327,8 +330,9 @@ def _read_channel(layer, c: int) -> _Channel:
 # overlays
 
 
-def _axis_units(box0: int, box1: int, n: int, size: int, stride: int, offset: int, units: int,
-                input_size: int):
+def _axis_units(
+    box0: int, box1: int, n: int, size: int, stride: int, offset: int, units: int, input_size: int
+):
     """For ``n`` pixels spanning [box0, box1) of the input: bilinear indices/weights into ``units``
     map positions, and whether each pixel lies inside the input."""
     pix = box0 + (np.arange(n) + 0.5) * ((box1 - box0) / n) - 0.5
@@ -346,10 +350,12 @@ def _sample_heat(ch: _Channel, slot: int, side: int) -> tuple[np.ndarray, np.nda
     info = ch.info
     hmap = ch.heat[slot]
     y0, x0, y1, x1 = ch.records[slot]["box"]
-    iy0, iy1, wy, iny = _axis_units(y0, y1, side, info.size[0], info.stride[0], info.offset[0],
-                                    hmap.shape[0], info.input_size)
-    ix0, ix1, wx, inx = _axis_units(x0, x1, side, info.size[1], info.stride[1], info.offset[1],
-                                    hmap.shape[1], info.input_size)
+    iy0, iy1, wy, iny = _axis_units(
+        y0, y1, side, info.size[0], info.stride[0], info.offset[0], hmap.shape[0], info.input_size
+    )
+    ix0, ix1, wx, inx = _axis_units(
+        x0, x1, side, info.size[1], info.stride[1], info.offset[1], hmap.shape[1], info.input_size
+    )
     rows = (1 - wy)[:, None] * hmap[iy0] + wy[:, None] * hmap[iy1]  # (side, W)
     vals = rows[:, ix0] * (1 - wx) + rows[:, ix1] * wx
     return vals, iny[:, None] & inx[None, :]
@@ -404,8 +410,14 @@ def _header(draw: ImageDraw.ImageDraw, width: int, left: str, right: str = "") -
             draw.text((width - PAD - rw, 6), right, font=f, fill=DIM_TEXT)
 
 
-def _label(draw: ImageDraw.ImageDraw, box, rank: int | None, score: float | None, name: str,
-           name_color=DIM_TEXT) -> None:
+def _label(
+    draw: ImageDraw.ImageDraw,
+    box,
+    rank: int | None,
+    score: float | None,
+    name: str,
+    name_color=DIM_TEXT,
+) -> None:
     f = _font(_LABEL_SIZE)
     x0, y0, x1, _ = box
     width = x1 - x0
@@ -483,8 +495,15 @@ def _dead_tile(side: int) -> Image.Image:
     f = _font(max(10, side // 5))
     t = "dead"
     tw = _text_w(f, t)
-    d.rectangle(((side - tw) / 2 - 3, side / 2 - side // 10 - 2, (side + tw) / 2 + 3,
-                 side / 2 + side // 10 + 3), fill=(92, 92, 96))
+    d.rectangle(
+        (
+            (side - tw) / 2 - 3,
+            side / 2 - side // 10 - 2,
+            (side + tw) / 2 + 3,
+            side / 2 + side // 10 + 3,
+        ),
+        fill=(92, 92, 96),
+    )
     d.text(((side - tw) / 2, side / 2 - side // 10), t, font=f, fill=(255, 255, 255))
     return im
 
@@ -500,15 +519,23 @@ def _overview_image(info: _LayerInfo, thumbs: dict[int, Image.Image]) -> Image.I
     im = Image.new("RGB", g.size, BG)
     draw = ImageDraw.Draw(im)
     n_dead = sum(info.dead(c) for c in range(info.channels))
-    _header(draw, g.size[0], f"{info.name}  {info.channels} channels",
-            f"{n_dead} dead" if n_dead else "")
+    _header(
+        draw,
+        g.size[0],
+        f"{info.name}  {info.channels} channels",
+        f"{n_dead} dead" if n_dead else "",
+    )
     f = _font(11)
     for c in range(info.channels):
         x0, y0, x1, _ = g.tile_box(c)
         im.paste(thumbs.get(c) or _dead_tile(g.tile), (x0, y0))
         t = str(c)
-        draw.text((x0 + (g.tile - _text_w(f, t)) / 2, y0 + g.tile + 1), t, font=f,
-                  fill=RED if info.dead(c) else DIM_TEXT)
+        draw.text(
+            (x0 + (g.tile - _text_w(f, t)) / 2, y0 + g.tile + 1),
+            t,
+            font=f,
+            fill=RED if info.dead(c) else DIM_TEXT,
+        )
     return im
 
 
@@ -608,8 +635,9 @@ def _context(ch: _Channel, originals: _Originals) -> Image.Image:
             side = p * (g.tile // p) if p <= g.tile else g.tile
             off = (g.tile - side) // 2
             im.paste(_resize_tile(ch.patches[slot], side), (x0 + off, y0 + off))
-            _label(draw, g.label_box(slot), slot, rec["score"], f"{why}: stored patch",
-                   name_color=RED)
+            _label(
+                draw, g.label_box(slot), slot, rec["score"], f"{why}: stored patch", name_color=RED
+            )
             continue
         ox = x0 + (g.tile - thumb.width) // 2
         oy = y0 + (g.tile - thumb.height) // 2
@@ -621,8 +649,11 @@ def _context(ch: _Channel, originals: _Originals) -> Image.Image:
             cy0, cx0 = ty / sc * s, tx / sc * s
             cy1, cx1 = (info.input_size + ty) / sc * s, (info.input_size + tx) / sc * s
             if cy0 > 1 or cx0 > 1 or cy1 < thumb.height - 1 or cx1 < thumb.width - 1:
-                draw.rectangle((ox + cx0, oy + cy0, ox + cx1 - 1, oy + cy1 - 1),
-                               outline=(150, 150, 160), width=1)
+                draw.rectangle(
+                    (ox + cx0, oy + cy0, ox + cx1 - 1, oy + cy1 - 1),
+                    outline=(150, 150, 160),
+                    width=1,
+                )
         by0, bx0, by1, bx1 = rec["box_orig"]
         if all(math.isfinite(v) for v in (by0, bx0, by1, bx1)):
             r = (ox + bx0 * s, oy + by0 * s, ox + bx1 * s - 1, oy + by1 * s - 1)
@@ -714,7 +745,7 @@ figure{margin:0}
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
         "</body></html>\n"
     )
@@ -740,12 +771,21 @@ def _box_text(b: Sequence[float], digits: int | None = None) -> str:
     return "(" + ", ".join(f"{v:.{digits}f}" for v in b) + ")"
 
 
-def _channel_page(ch: _Channel, result, overlay: str, layer_slug: str, prev_c, next_c,
-                  context_notes: dict[int, str]) -> str:
+def _channel_page(
+    ch: _Channel,
+    result,
+    overlay: str,
+    layer_slug: str,
+    prev_c,
+    next_c,
+    context_notes: dict[int, str],
+) -> str:
     info = ch.info
     c = ch.c
-    nav = (f'<div class="nav"><a href="../index.html">all layers</a> / '
-           f'<a href="index.html">{_e(info.name)}</a> / channel {c}')
+    nav = (
+        f'<div class="nav"><a href="../index.html">all layers</a> / '
+        f'<a href="index.html">{_e(info.name)}</a> / channel {c}'
+    )
     if prev_c is not None:
         nav += f' &nbsp; <a href="c{prev_c:04d}.html">&larr; {prev_c}</a>'
     if next_c is not None:
@@ -765,7 +805,7 @@ def _channel_page(ch: _Channel, result, overlay: str, layer_slug: str, prev_c, n
         '<div class="pics">'
         f'<figure><img src="c{c:04d}.png" alt="top {info.k} patches of channel {c}">'
         f'<figcaption class="muted">top-{info.k} receptive-field patches'
-        f'{"" if overlay == "none" or info.whole else f", {_e(overlay)} overlay"}</figcaption>'
+        f"{'' if overlay == 'none' or info.whole else f', {_e(overlay)} overlay'}</figcaption>"
         "</figure>"
         f'<figure><img src="c{c:04d}_context.jpg" alt="winners of channel {c} in context">'
         '<figcaption class="muted">in the original images</figcaption></figure></div>'
@@ -799,8 +839,11 @@ def _layer_page(info: _LayerInfo, rendered: list[int]) -> str:
     cw, chh = g.tile + g.pad, g.tile + g.label_h + g.pad
     shown = set(rendered)
     n_dead = sum(info.dead(c) for c in range(info.channels))
-    geo = ("whole input" if info.whole else
-           f"rf {info.size[0]} stride {info.stride[0]} offset {info.offset[0]}")
+    geo = (
+        "whole input"
+        if info.whole
+        else f"rf {info.size[0]} stride {info.stride[0]} offset {info.offset[0]}"
+    )
     parts = [
         '<div class="nav"><a href="../index.html">all layers</a> / ' + _e(info.name) + "</div>",
         f"<h1>{_e(info.name)}</h1>",
@@ -810,16 +853,21 @@ def _layer_page(info: _LayerInfo, rendered: list[int]) -> str:
         f'{n_dead} dead</span> &middot; <a href="overview.png">overview image</a></p>',
     ]
     if len(shown) < info.channels:
-        parts.append(f'<p class="muted">{len(shown)} of {info.channels} channels rendered; '
-                     "the others are dimmed</p>")
+        parts.append(
+            f'<p class="muted">{len(shown)} of {info.channels} channels rendered; '
+            "the others are dimmed</p>"
+        )
     cells = ['<div class="grid">']
     for c in range(info.channels):
         x0, y0, _, _ = g.cell(c)
         x, y = x0 - g.pad // 2, y0 - g.pad // 2
-        title = f"channel {c}" + (" (dead)" if info.dead(c) else
-                                  f", top score {_fmt(float(info.score[c, 0]))}")
-        style = f"width:{cw}px;height:{chh}px;background-image:url(overview.png);" \
-                f"background-position:-{x}px -{y}px"
+        title = f"channel {c}" + (
+            " (dead)" if info.dead(c) else f", top score {_fmt(float(info.score[c, 0]))}"
+        )
+        style = (
+            f"width:{cw}px;height:{chh}px;background-image:url(overview.png);"
+            f"background-position:-{x}px -{y}px"
+        )
         if c in shown:
             cells.append(f'<a href="c{c:04d}.html" title="{_e(title)}" style="{style}"></a>')
         else:
@@ -840,12 +888,17 @@ def _index_page(result, entries: list[tuple[str, str, _LayerInfo, int]]) -> str:
         ("made", f"{a.get('created_utc', '?')} by patchmine {a.get('patchmine_version', '?')}"),
     ]
     parts = ["<h1>patchmine gallery</h1>", "<table>"]
-    parts += [f'<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in meta]
-    parts.append("</table><h2>layers</h2><table><tr><th>layer</th><th>channels</th><th>map</th>"
-                 "<th>receptive field</th><th>patch</th><th>dead</th><th>rendered</th></tr>")
+    parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta]
+    parts.append(
+        "</table><h2>layers</h2><table><tr><th>layer</th><th>channels</th><th>map</th>"
+        "<th>receptive field</th><th>patch</th><th>dead</th><th>rendered</th></tr>"
+    )
     for name, slug, info, n_rendered in entries:
-        geo = ("whole input" if info.whole else
-               f"{info.size[0]} px, stride {info.stride[0]}, offset {info.offset[0]}")
+        geo = (
+            "whole input"
+            if info.whole
+            else f"{info.size[0]} px, stride {info.stride[0]}, offset {info.offset[0]}"
+        )
         n_dead = sum(info.dead(c) for c in range(info.channels))
         parts.append(
             f'<tr><td><a href="{_e(slug)}/index.html">{_e(name)}</a></td>'
@@ -863,8 +916,16 @@ def _fmap(result, name: str) -> str:
     return "x".join(str(v) for v in (hw if isinstance(hw, (list, tuple)) else [hw]))
 
 
-def _render_channel(ch: _Channel, result, overlay: str, folder: Path, slug: str, prev_c, next_c,
-                    originals: _Originals) -> None:
+def _render_channel(
+    ch: _Channel,
+    result,
+    overlay: str,
+    folder: Path,
+    slug: str,
+    prev_c,
+    next_c,
+    originals: _Originals,
+) -> None:
     c = ch.c
     _montage(ch, overlay).save(folder / f"c{c:04d}.png", **PNG)
     _context(ch, originals).save(folder / f"c{c:04d}_context.jpg", **JPEG)
@@ -940,13 +1001,17 @@ def render(
                 slug = _slug(lr.name, taken)
                 folder = out / slug
                 folder.mkdir(exist_ok=True)
-                sel = [c for c in (wanted if wanted is not None else range(info.channels))
-                       if c < info.channels]
+                sel = [
+                    c
+                    for c in (wanted if wanted is not None else range(info.channels))
+                    if c < info.channels
+                ]
                 side = _thumb_side(info.patch_size)
                 thumbs: dict[int, Image.Image] = {}
                 pending: deque[Future] = deque()
-                bar = tqdm(total=len(sel), desc=lr.name, unit="ch", disable=not progress,
-                           leave=True)
+                bar = tqdm(
+                    total=len(sel), desc=lr.name, unit="ch", disable=not progress, leave=True
+                )
                 selset = set(sel)
                 try:
                     for c in range(info.channels):
@@ -959,8 +1024,19 @@ def render(
                         i = bisect.bisect_left(sel, c)
                         prev_c = sel[i - 1] if i > 0 else None
                         next_c = sel[i + 1] if i + 1 < len(sel) else None
-                        pending.append(pool.submit(_render_channel, ch, result, overlay, folder,
-                                                   slug, prev_c, next_c, originals))
+                        pending.append(
+                            pool.submit(
+                                _render_channel,
+                                ch,
+                                result,
+                                overlay,
+                                folder,
+                                slug,
+                                prev_c,
+                                next_c,
+                                originals,
+                            )
+                        )
                         while len(pending) > 2 * workers:
                             pending.popleft().result()
                             bar.update(1)

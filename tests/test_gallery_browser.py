@@ -67,14 +67,17 @@ def chromium() -> str:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
             subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
-            subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True,
-                           timeout=900, env=env)
+            subprocess.run(
+                ["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900, env=env
+            )
         except (OSError, subprocess.TimeoutExpired):
             pass
         exe = _find_chromium()
     if exe is None:
-        pytest.skip("headless Chromium not available (not on PATH, `apt-get install chromium` "
-                    "failed or not permitted)")
+        pytest.skip(
+            "headless Chromium not available (not on PATH, `apt-get install chromium` "
+            "failed or not permitted)"
+        )
     try:
         v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -86,10 +89,20 @@ def chromium() -> str:
 
 def _browse(exe: str, tmp: Path, page: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [
-        exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-default-apps", "--mute-audio", f"--user-data-dir={tmp / 'profile'}",
-        "--virtual-time-budget=10000", *extra, page.resolve().as_uri(),
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-default-apps",
+        "--mute-audio",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--virtual-time-budget=10000",
+        *extra,
+        page.resolve().as_uri(),
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
@@ -97,8 +110,9 @@ def _browse(exe: str, tmp: Path, page: Path, *extra: str) -> subprocess.Complete
 def _decoded(exe: str, tmp: Path, page: Path) -> dict:
     """Load a copy of ``page`` with the check script; what the browser decoded."""
     probe = page.with_name(f"_probe_{page.name}")
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", CHECK + "</body>"),
-                     encoding="utf-8")
+    probe.write_text(
+        page.read_text(encoding="utf-8").replace("</body>", CHECK + "</body>"), encoding="utf-8"
+    )
     try:
         p = _browse(exe, tmp, probe, "--dump-dom")
     finally:
@@ -146,8 +160,14 @@ def test_channel_page_decodes_every_picture(chromium, gallery, tmp_path):
 
 def test_channel_page_screenshot_is_not_blank(chromium, gallery, tmp_path):
     shot = tmp_path / "shot.png"
-    p = _browse(chromium, tmp_path, gallery / "conv" / "c0000.html",
-                f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars")
+    p = _browse(
+        chromium,
+        tmp_path,
+        gallery / "conv" / "c0000.html",
+        f"--screenshot={shot}",
+        "--window-size=1200,900",
+        "--hide-scrollbars",
+    )
     assert shot.is_file(), p.stderr[-2000:]
     a = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert a.shape[:2] == (900, 1200)

@@ -96,8 +96,14 @@ def make_result(tmp: Path, n_images: int = 12, remove: tuple[int, ...] = ()) -> 
             y, x = int(rng.integers(0, FMAP)), int(rng.integers(0, FMAP))
             if ch == 0 and s == 0:
                 y, x = 0, 0  # a corner box, partly outside the input
-            b = np.array([y * STRIDE + OFFSET, x * STRIDE + OFFSET,
-                          y * STRIDE + OFFSET + SIZE, x * STRIDE + OFFSET + SIZE])
+            b = np.array(
+                [
+                    y * STRIDE + OFFSET,
+                    x * STRIDE + OFFSET,
+                    y * STRIDE + OFFSET + SIZE,
+                    x * STRIDE + OFFSET + SIZE,
+                ]
+            )
             score[ch, s], image[ch, s], yx[ch, s] = scores[s], imgs[s], (y, x)
             box[ch, s] = b
             box_orig[ch, s] = orig(b, imgs[s])
@@ -109,13 +115,30 @@ def make_result(tmp: Path, n_images: int = 12, remove: tuple[int, ...] = ()) -> 
     qs = np.array([0.5, 0.99, 0.995], np.float32)
     quant = np.stack([mx * 0.1, mx * 0.5, mx * 0.6], axis=1).astype(np.float32)
     spatial = store.LayerData(
-        attrs={"channels": c, "fmap_hw": [FMAP, FMAP], "rf_size": [SIZE, SIZE],
-               "rf_stride": [STRIDE, STRIDE], "rf_offset": [OFFSET, OFFSET], "rf_whole": False,
-               "patch_size": SIZE},
-        score=score, image=image, yx=yx, box=box, box_orig=box_orig, patch=patch, heat=heat,
-        stats={"count": np.full(c, n_images * FMAP * FMAP, np.int64),
-               "mean": (mx * 0.05).astype(np.float32), "std": np.ones(c, np.float32),
-               "max": mx.astype(np.float32), "quantile": quant, "q": qs},
+        attrs={
+            "channels": c,
+            "fmap_hw": [FMAP, FMAP],
+            "rf_size": [SIZE, SIZE],
+            "rf_stride": [STRIDE, STRIDE],
+            "rf_offset": [OFFSET, OFFSET],
+            "rf_whole": False,
+            "patch_size": SIZE,
+        },
+        score=score,
+        image=image,
+        yx=yx,
+        box=box,
+        box_orig=box_orig,
+        patch=patch,
+        heat=heat,
+        stats={
+            "count": np.full(c, n_images * FMAP * FMAP, np.int64),
+            "mean": (mx * 0.05).astype(np.float32),
+            "std": np.ones(c, np.float32),
+            "max": mx.astype(np.float32),
+            "quantile": quant,
+            "q": qs,
+        },
     )
     # whole-input layer (N, C): the patch is the whole input resampled
     c2 = C_WHOLE
@@ -132,23 +155,59 @@ def make_result(tmp: Path, n_images: int = 12, remove: tuple[int, ...] = ()) -> 
         for s in range(k):
             box_orig2[ch, s] = orig(whole, imgs[s])
             patch2[ch, s] = np.asarray(
-                Image.fromarray(inputs[imgs[s]]).resize((P_WHOLE, P_WHOLE), Image.BILINEAR))
+                Image.fromarray(inputs[imgs[s]]).resize((P_WHOLE, P_WHOLE), Image.BILINEAR)
+            )
     fc = store.LayerData(
-        attrs={"channels": c2, "fmap_hw": [1, 1], "rf_size": [S, S], "rf_stride": [1, 1],
-               "rf_offset": [0, 0], "rf_whole": True, "patch_size": P_WHOLE},
-        score=score2, image=image2, yx=np.zeros((c2, k, 2), np.int32), box=box2,
-        box_orig=box_orig2, patch=patch2, heat=score2.reshape(c2, k, 1, 1).astype(np.float16),
-        stats={"count": np.full(c2, n_images, np.int64), "mean": np.zeros(c2, np.float32),
-               "std": np.ones(c2, np.float32), "max": score2[:, 0].copy(),
-               "quantile": np.stack([score2[:, 0]] * 3, 1), "q": qs},
+        attrs={
+            "channels": c2,
+            "fmap_hw": [1, 1],
+            "rf_size": [S, S],
+            "rf_stride": [1, 1],
+            "rf_offset": [0, 0],
+            "rf_whole": True,
+            "patch_size": P_WHOLE,
+        },
+        score=score2,
+        image=image2,
+        yx=np.zeros((c2, k, 2), np.int32),
+        box=box2,
+        box_orig=box_orig2,
+        patch=patch2,
+        heat=score2.reshape(c2, k, 1, 1).astype(np.float16),
+        stats={
+            "count": np.full(c2, n_images, np.int64),
+            "mean": np.zeros(c2, np.float32),
+            "std": np.ones(c2, np.float32),
+            "max": score2[:, 0].copy(),
+            "quantile": np.stack([score2[:, 0]] * 3, 1),
+            "q": qs,
+        },
     )
-    attrs = {"model": "synthetic", "weights": "none", "input_size": S, "mean": list(MEAN),
-             "std": [0.229, 0.224, 0.225], "k": k, "per_image": 1, "n_images": n_images,
-             "n_failed": 0, "created_utc": "2024-01-01T00:00:00Z", "patchmine_version": "0",
-             "torch_version": "0", "torchvision_version": "0", "corpus_roots": [str(root)],
-             "layer_order": ["conv", "fc"]}
-    images = {"path": paths, "root": np.zeros(n_images, np.int16), "shape": np.array(shapes),
-              "ok": np.ones(n_images, bool), "transform": transforms, "error": [""] * n_images}
+    attrs = {
+        "model": "synthetic",
+        "weights": "none",
+        "input_size": S,
+        "mean": list(MEAN),
+        "std": [0.229, 0.224, 0.225],
+        "k": k,
+        "per_image": 1,
+        "n_images": n_images,
+        "n_failed": 0,
+        "created_utc": "2024-01-01T00:00:00Z",
+        "patchmine_version": "0",
+        "torch_version": "0",
+        "torchvision_version": "0",
+        "corpus_roots": [str(root)],
+        "layer_order": ["conv", "fc"],
+    }
+    images = {
+        "path": paths,
+        "root": np.zeros(n_images, np.int16),
+        "shape": np.array(shapes),
+        "ok": np.ones(n_images, bool),
+        "transform": transforms,
+        "error": [""] * n_images,
+    }
     out = store.write_result(tmp / "result.h5", attrs, images, {"conv": spatial, "fc": fc})
     for i in remove:
         (root / paths[i]).unlink()
@@ -265,7 +324,7 @@ def test_heat_overlay_follows_the_map(result):
     d = np.abs(plain - over).sum(-1)[y0:y1, x0:x1].astype(float)
     t = g.tile
     center = d[t // 3 : 2 * t // 3, t // 3 : 2 * t // 3].mean()
-    corner = np.mean([d[:t // 8, :t // 8].mean(), d[-t // 8:, -t // 8:].mean()])
+    corner = np.mean([d[: t // 8, : t // 8].mean(), d[-t // 8 :, -t // 8 :].mean()])
     assert center > corner
 
 
@@ -452,14 +511,24 @@ def test_html_escapes_names(result_file, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "patchmine", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "patchmine", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_render_cli(result_file, tmp_path):
     out = tmp_path / "cli"
-    p = _cli("render", str(result_file), "--out", str(out), "--channels", "0,2-3",
-             "--overlay", "heat", "--quiet")
+    p = _cli(
+        "render",
+        str(result_file),
+        "--out",
+        str(out),
+        "--channels",
+        "0,2-3",
+        "--overlay",
+        "heat",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr
     assert (out / "index.html").is_file() and (out / "conv" / "c0002.png").is_file()
     assert not (out / "conv" / "c0001.png").exists()
@@ -481,8 +550,9 @@ def test_render_cli_refuses_non_patchmine_file(tmp_path, capsys, make_bad):
     assert "Traceback" not in err and "not" in err and str(bad) in err
 
 
-@pytest.mark.parametrize("extra", [["--channels", "x-1"], ["--channels", "99"],
-                                   ["--layers", "convv"]])
+@pytest.mark.parametrize(
+    "extra", [["--channels", "x-1"], ["--channels", "99"], ["--layers", "convv"]]
+)
 def test_render_cli_bad_arguments(result_file, tmp_path, capsys, extra):
     code, err = _main(capsys, "render", str(result_file), "--out", str(tmp_path / "o"), *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
