@@ -1,6 +1,7 @@
 """Pictures of a result file: montages, heat / mask overlays, overviews, context views, gallery.
 
-Public names: OVERLAYS, Grid, montage, overview, context, render, parse_channels.
+Public names: OVERLAYS, Grid, montage_grid, overview_grid, context_grid, montage, overview, context,
+render, parse_channels.
 
 Everything reads a result through `patchmine.store` (never HDF5 directly) and returns PIL images, so
 it is as usable from a notebook as from ``patchmine render``:
@@ -38,7 +39,18 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from patchmine.errors import UsageError
 
-__all__ = ["OVERLAYS", "Grid", "montage", "overview", "context", "render", "parse_channels"]
+__all__ = [
+    "OVERLAYS",
+    "Grid",
+    "montage_grid",
+    "overview_grid",
+    "context_grid",
+    "montage",
+    "overview",
+    "context",
+    "render",
+    "parse_channels",
+]
 
 OVERLAYS = ("heat", "mask", "none")
 
