@@ -16,10 +16,11 @@ A quantile is interpolated linearly inside the bin holding the order statistic a
 ``q * (n - 1)``: it lies in that bin, i.e. within one bin width of the value numpy's linear
 quantile would give for the same values. 1987 bins per channel (16 KB of int64).
 
-For speed the histogram (only the histogram) sees a fixed subsample of locations: a regular grid
-with the same step on both axes, chosen per node so that about `sample` locations of each map are
-kept (all of them when the map has no more than `sample` locations, e.g. (N, C) nodes). The grid is
-the same for every image, so the counts stay a pure function of the images fed in.
+For speed the histogram (only the histogram) sees a fixed subsample of each map's locations: about
+`sample` flat locations ``offset + j * step``, with ``step`` the largest value <= H * W // sample
+coprime to W and ``offset = step // 2`` (a lattice: no two samples share a row-major run or a
+column). All locations are used when the map has no more than `sample` (e.g. (N, C) nodes). The
+lattice is the same for every image, so the counts stay a pure function of the images fed in.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 
 import torch
 
-from patchmine.topk import _row_max
+from patchmine.topk import _row_stats
 
 __all__ = ["RunningStats"]
 
@@ -43,11 +44,15 @@ _DEFAULT_Q = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 
 
 def _slots(v: torch.Tensor) -> torch.Tensor:
-    """Histogram slot in [0, 2P] of each float32 value (NaN lands in an end slot: mask it)."""
+    """Histogram slot - _P, in [-_P, _P], of each value of a contiguous float32 tensor (int32).
+
+    NaN lands in an end slot: mask it.
+    """
     b = v.view(torch.int32)
-    p = ((b & 0x7FFFFFFF) >> _SHIFT).sub_(_G0 - 1).clamp_(0, _P)
-    s = b >> 31  # 0 or -1
-    return p.bitwise_xor_(s).sub_(s).add_(_P)
+    p = (b & 0x7FFFFFFF).bitwise_right_shift_(_SHIFT)
+    p.sub_(_G0 - 1).clamp_(0, _P)
+    s = b >> 31  # 0 or -1: negate p for negative values
+    return p.bitwise_xor_(s).sub_(s)
 
 
 def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +68,18 @@ def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([-pos_lo.flip(0), zero, pos_hi]))
 
 
-def _grid_step(h: int, w: int, sample: int) -> int:
-    if sample <= 0 or h * w <= sample:
-        return 1
-    return max(1, int(math.sqrt(h * w / sample)))
+def _lattice(H: int, W: int, sample: int) -> tuple[int, int]:
+    """(offset, step) of the flat locations offset, offset + step, ... kept for the histogram.
+
+    The step is the largest one <= H * W // sample that is coprime to W, so that successive
+    locations move to another column as well as down the map (a lattice, not a column).
+    """
+    if sample <= 0 or H * W <= sample:
+        return 0, 1
+    step = H * W // sample
+    while math.gcd(step, W) != 1:
+        step -= 1
+    return step // 2, step
 
 
 class RunningStats:
@@ -85,7 +98,7 @@ class RunningStats:
         torch.Size([64, 6])
     """
 
-    def __init__(self, channels: int, device="cpu", quantiles=_DEFAULT_Q, sample: int = 16):
+    def __init__(self, channels: int, device="cpu", quantiles=_DEFAULT_Q, sample: int = 4):
         if int(channels) != channels or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         q = [float(v) for v in quantiles]
@@ -103,7 +116,7 @@ class RunningStats:
         self._max = torch.full((C,), float("-inf"), dtype=torch.float32, device=dev)
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
-        self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
+        self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS + _P
 
     def add(self, acts: torch.Tensor) -> None:
         """Accumulate a batch.
@@ -131,8 +144,7 @@ class RunningStats:
             self._count += count.sum(0)
             has_nan = True
         else:
-            rmax = _row_max(acts, x)
-            rsum, rnorm = x.sum(2), torch.linalg.vector_norm(x, dim=2)
+            rmax, rsum, rnorm = _row_stats(acts)
             bad = torch.isnan(rmax)
             has_nan = bool(bad.any())  # a CPU tensor: no device sync
             if has_nan:
@@ -149,17 +161,16 @@ class RunningStats:
         self._sum += rsum.double().sum(0)
         self._sumsq += rnorm.double().square().sum(0)
         self._max = torch.maximum(self._max, rmax.amax(0).float())
-        self._add_hist(a4, has_nan)
+        self._add_hist(x, W, has_nan)
 
-    def _add_hist(self, a4: torch.Tensor, has_nan: bool) -> None:
-        H, W = a4.shape[2:]
-        s = _grid_step(H, W, self.sample)
-        v = a4[:, :, s // 2::s, s // 2::s] if s > 1 else a4
-        if v.dtype != torch.float32:
-            v = v.float()
-        slots = _slots(v).reshape(v.shape[0], self.channels, -1)
+    def _add_hist(self, x: torch.Tensor, W: int, has_nan: bool) -> None:
+        """x: (N, C, H * W) activations; a fixed lattice of locations feeds the histogram."""
+        off, step = _lattice(x.shape[2] // W, W, self.sample)
+        grid = x[:, :, off::step] if step > 1 else x
+        v = torch.empty(grid.shape, dtype=torch.float32, device=self.device).copy_(grid)
+        slots = _slots(v)
         if has_nan:
-            slots.masked_fill_(torch.isnan(v.reshape(slots.shape)), _NBINS)
+            slots.masked_fill_(torch.isnan(v), _NBINS - _P)
         idx = slots.add_(self._offsets).view(-1)
         if self._ones.numel() < idx.numel():
             self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)

@@ -39,27 +39,40 @@ def _pair(v, name: str) -> tuple[int, int]:
     return t
 
 
-_last_row_max: list = [None]  # (weakref to acts, signature, (N, C) maxima)
+_CHUNK_BYTES = 1 << 22  # maps reduced together: small enough to stay in cache between reductions
+_last_rows: list = [None]  # (weakref to acts, signature, (max, sum, norm))
 
 
-def _row_max(acts: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """(N, C) max of every map of `acts` (NaN where a map holds a NaN); `flat` is acts as rows.
+def _row_stats(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max, sum and 2-norm of every (image, channel) map of `acts` (N, C, ...), each (N, C) float32.
 
-    TopK and RunningStats both need these maxima of the same activations; the last result is kept
-    (keyed on the tensor object, its storage, shape, strides and version counter where it has one)
-    so that the maps are reduced once. Treat the result as read-only.
+    A map holding a NaN has NaN max and sum. TopK needs the maxima and RunningStats all three, of
+    the same activations, which the first pass reads once from memory: the maps are reduced in
+    chunks of a few images, all three reductions per chunk while the chunk is in cache, and the
+    last result is kept (keyed on the tensor object, its storage, shape, strides and version
+    counter where it has one) for the second caller. Treat the results as read-only.
     """
     try:
         version = acts._version
     except RuntimeError:  # inference tensors carry no version counter
         version = None
     sig = (acts.data_ptr(), acts.shape, acts.stride(), acts.dtype, version)
-    hit = _last_row_max[0]
+    hit = _last_rows[0]
     if hit is not None and hit[0]() is acts and hit[1] == sig:
         return hit[2]
-    m = flat.amax(-1).view(acts.shape[0], acts.shape[1])
-    _last_row_max[0] = (weakref.ref(acts), sig, m)
-    return m
+    N, C = acts.shape[:2]
+    x = acts.reshape(N, C, -1)
+    out = tuple(torch.empty(N, C, dtype=torch.float32, device=acts.device) for _ in range(3))
+    step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+    for i in range(0, N, step):
+        c = x[i:i + step]
+        if c.dtype != torch.float32:
+            c = c.float()
+        torch.amax(c, 2, out=out[0][i:i + step])
+        torch.sum(c, 2, out=out[1][i:i + step])
+        torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
+    _last_rows[0] = (weakref.ref(acts), sig, out)
+    return out
 
 
 def _sort_entries(chan, score, key):
@@ -199,7 +212,7 @@ class TopK:
                       N: int) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        m = _row_max(given, x)
+        m = _row_stats(given)[0]
         nan_rows = torch.isnan(m)
         has_nan = bool(nan_rows.any())  # a CPU tensor: no device sync
         if has_nan:  # rare

@@ -87,17 +87,25 @@ def test_relu_zeros_give_exact_zero_quantiles():
     assert (q[1, :3] == 0).all() and (abs(q[1, 3:] - 3.0) <= 3.0 / 32).all()
 
 
-def test_subsampled_histogram_uses_a_fixed_grid():
+@pytest.mark.parametrize("hw,sample", [((55, 55), 16), ((27, 27), 4), ((13, 16), 8)])
+def test_subsampled_histogram_uses_a_fixed_lattice(hw, sample):
     rng = np.random.default_rng(1)
-    acts = make_acts(rng, (12, 3, 55, 55))
-    res = feed(acts, sample=16).result()
+    H, W = hw
+    acts = make_acts(rng, (12, 3, H, W))
+    res = feed(acts, sample=sample).result()
     vals = channel_values(acts)
-    np.testing.assert_array_equal(res["count"].numpy(), np.full(3, 12 * 55 * 55))
+    np.testing.assert_array_equal(res["count"].numpy(), np.full(3, 12 * H * W))
     np.testing.assert_array_equal(res["max"].numpy(), vals.max(1))
-    step = 13  # floor(sqrt(3025 / 16)): rows and columns 6, 19, 32, 45
-    grid = channel_values(acts[:, :, step // 2::step, step // 2::step])
-    assert grid.shape[1] == 12 * 16
+    # the documented lattice: the largest step <= H*W // sample coprime to W, from step // 2
+    step = max(s for s in range(1, H * W // sample + 1) if np.gcd(s, W) == 1)
+    flat = np.arange(step // 2, H * W, step)
+    assert len(set(flat % W)) == len(flat)  # no two samples share a column
+    grid = channel_values(acts.reshape(12, 3, H * W)[:, :, flat, None])
+    assert abs(grid.shape[1] - 12 * sample) <= 12
+    rs = RunningStats(3, quantiles=Q, sample=sample)
+    rs.add(torch.from_numpy(acts))
     check_quantiles(res["quantile"].numpy(), grid, Q)
+    assert int(rs._hist.sum()) == grid.size
 
 
 def test_large_and_tiny_magnitudes_saturate_as_documented():
