@@ -42,7 +42,10 @@ def _nonneg(value: str) -> int:
 
 def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
-        p.add_argument("model", help="torchvision name, efficientnet_lite0, or file.py:factory")
+        p.add_argument(
+            "model", nargs="?", default=None,
+            help="torchvision name, efficientnet_lite0 (default), or file.py:factory",
+        )
     else:
         p.add_argument("--model", "-m", default=None, help="model (default: efficientnet_lite0)")
     p.add_argument("--weights", "-w", default=None, help="DEFAULT, a weights name, none, or a path")
@@ -56,16 +59,18 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, args.weights, args.input_size)
     shapes = node_shapes(lm.module, args.input_size)
-    fields = receptive_fields(lm.module, args.input_size, list(shapes))
+    fields = receptive_fields(lm.module, args.input_size)  # nodes without a field are left out
     rows = [("node", "output (C,H,W)", "rf size", "stride", "offset")]
     for name, shape in shapes.items():
-        f = fields[name]
+        f = fields.get(name)
         out = "(" + ",".join(str(s) for s in shape) + ")"
 
         def pair(v: tuple[int, int]) -> str:
             return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
-        if f.whole:
+        if f is None:
+            rows.append((name, out, "none", "-", "-"))
+        elif f.whole:
             rows.append((name, out, "whole", "-", "-"))
         else:
             rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset)))
@@ -104,8 +109,17 @@ def cmd_mine(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if not args.quiet:
+    if not args.quiet and not summary.extra.get("rank"):  # under torchrun: rank 0 reports
         print(summary)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from patchmine.merge import merge
+
+    out = merge(args.files, args.out, force=args.force)
+    if not args.quiet:
+        print(f"merged {len(args.files)} shard files into {out}")
     return 0
 
 
@@ -159,6 +173,23 @@ def cmd_filters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from patchmine.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline)
+    try:
+        run_pipeline(pipeline, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            "patchmine run: interrupted; run the same command again to continue where it stopped",
+            file=sys.stderr,
+        )
+        return 130
+    if pipeline.gallery is not None and not args.dry_run:
+        print(f"gallery: {(pipeline.gallery / 'index.html').as_uri()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchmine",
@@ -198,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_mine)
 
+    p = sub.add_parser("merge", help="combine shard files (mine --shard I/N) into one result")
+    p.add_argument("files", nargs="+", help="every shard file of one run, in any order")
+    p.add_argument("--out", "-o", required=True, help="merged result file (.h5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("info", help="what a result file holds")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
@@ -220,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", choices=("minmax", "symmetric"), default="minmax",
                    help="per-kernel min/max to 0..255, or symmetric around 0 (default minmax)")
     p.set_defaults(func=cmd_filters)
+
+    p = sub.add_parser("run", help="a pipeline file: build the corpus, mine, render; only what is "
+                       "out of date")
+    p.add_argument("pipeline", help="pipeline file (.toml), e.g. pipelines/demo.toml")
+    p.add_argument("--force", action="store_true", help="re-run every step, even up to date ones")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="say what would run, and why, without running it")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="step lines only: no progress bars or mining summary")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -234,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"patchmine {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback on request
         if os.environ.get("PATCHMINE_DEBUG"):
             traceback.print_exc()

@@ -26,7 +26,7 @@ import torchvision
 from tqdm.auto import tqdm
 
 import patchmine
-from patchmine import store
+from patchmine import distributed, store
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader
 from patchmine.errors import UsageError
 from patchmine.models import load_model
@@ -146,20 +146,36 @@ class Miner:
         device: str | torch.device = "cpu",
         patch_size: int = DEFAULT_PATCH_SIZE,
         shard: tuple[int, int] | None = None,
+        part: tuple[int, int] | None = None,
+        extra_attrs: dict | None = None,
     ):
         self.corpus = corpus
+        self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
         self.patch_size, self.shard = patch_size, shard
         n = len(corpus)
         self.start, self.stop = (0, n) if shard is None else _shard_range(n, *shard)
-        self.cursor = self.start
+        # The images this process streams: all of start:stop, or its part (rank, world) of them.
+        self.part = part
+        size = self.stop - self.start
+        lo, hi = (0, size) if part is None else _shard_range(size, *part)
+        self.span = range(self.start + lo, self.start + hi)
+        self.cursor = self.span.start
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here")
         self.model = load_model(model, weights, input_size)
-        self.shapes = node_shapes(self.model.module, input_size)
-        self.layers = resolve_layers(self.shapes, layers) if layers else default_layers(self.shapes)
-        self.fields = receptive_fields(self.model.module, input_size, self.layers)
+        every = node_shapes(self.model.module, input_size)
+        fields = receptive_fields(self.model.module, input_size)  # nodes that have a field
+        self.shapes = {n: s for n, s in every.items() if n in fields}
+        for name in layers or ():
+            if name in every and name not in fields:  # raises, saying where the field was lost
+                receptive_fields(self.model.module, input_size, [name])
+        if layers:
+            self.layers = resolve_layers(self.shapes, layers)
+        else:
+            self.layers = list(self.model.default_layers) or default_layers(self.shapes)
+        self.fields = {n: fields[n] for n in self.layers}
         self.model.module.to(self.device)
         self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
         self.tap.to(self.device).eval()
@@ -199,6 +215,7 @@ class Miner:
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
+            "part": list(self.part) if self.part else None,
         }
 
     def state_dict(self) -> dict:
@@ -236,23 +253,23 @@ class Miner:
         checkpoint: Callable[[], None] | None = None,
         checkpoint_every: int = 0,
     ) -> None:
-        """Stream images ``cursor:stop`` once through the model into the collectors.
+        """Stream images ``cursor:span.stop`` once through the model into the collectors.
 
         ``checkpoint`` is called every ``checkpoint_every`` batches and when ``should_stop`` turns
         true (then KeyboardInterrupt is raised), always between batches.
         """
-        if self.cursor >= self.stop:
+        if self.cursor >= self.span.stop:
             return
         dev = self.device
         loader = make_loader(
-            CorpusDataset(self.corpus, self.input_size, range(self.cursor, self.stop)),
+            CorpusDataset(self.corpus, self.input_size, range(self.cursor, self.span.stop)),
             batch_size,
             workers,
             pin_memory=dev.type == "cuda",
         )
         bar = tqdm(
-            total=self.stop - self.start,
-            initial=self.cursor - self.start,
+            total=len(self.span),
+            initial=self.cursor - self.span.start,
             desc="mining",
             unit="img",
             disable=not progress,
@@ -283,6 +300,40 @@ class Miner:
                     raise KeyboardInterrupt
                 if checkpoint and checkpoint_every and batches % checkpoint_every == 0:
                     checkpoint()
+
+    def part_state(self) -> dict:
+        """This process's share of a multi-process run: collectors, statistics, its span's records."""
+        sl = slice(self.span.start, self.span.stop)
+        return {
+            "meta": {**self.meta, "part": None},
+            "span": (sl.start, sl.stop),
+            "topk": {n: c.state_dict() for n, c in self.topk.items()},
+            "stats": {n: s.state_dict() for n, s in self.stats.items()},
+            "ok": self.ok[sl],
+            "shape": self.shape[sl],
+            "transform": self.transform[sl],
+            "error": self.error[sl],
+        }
+
+    def absorb(self, part: dict) -> None:
+        """Merge another process's `part_state` (a disjoint span of the same run) into this one."""
+        now = {**self.meta, "part": None}
+        diff = [key for key in now if part["meta"].get(key) != now[key]]
+        if diff:
+            raise UsageError(
+                f"the processes of this run disagree on {', '.join(diff)} (span {part['span']}): "
+                "start every rank with the same command, corpus and files"
+            )
+        a, b = part["span"]
+        for n in self.layers:
+            self.topk[n].merge(TopK.from_state_dict(part["topk"][n], self.device))
+            self.stats[n].merge(RunningStats.from_state_dict(part["stats"][n], self.device))
+        self.ok[a:b], self.shape[a:b], self.transform[a:b] = (
+            part["ok"],
+            part["shape"],
+            part["transform"],
+        )
+        self.error[a:b] = part["error"]
 
     def plans(self) -> list[LayerPlan]:
         """The winners of every layer, as the second pass needs them."""
@@ -351,7 +402,7 @@ class Miner:
         }
         if self.shard is not None:
             attrs["shard"] = list(self.shard)
-        return attrs
+        return {**attrs, **self.extra_attrs}
 
     def images(self) -> dict:
         sl = slice(self.start, self.stop)
@@ -371,18 +422,26 @@ class Miner:
         workers: int,
         progress: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
+        team: distributed.Team | None = None,
     ) -> MineSummary:
-        """The second pass over the winner images, then the atomic write of ``out``."""
+        """The second pass over the winner images, then the atomic write of ``out``.
+
+        With a ``team`` (after ``team.combine(self)``) the second pass is spread over its ranks and
+        only rank 0 writes ``out``.
+        """
         fill = tuple(int(round(m * 255)) for m in self.model.mean)
         plans = self.plans()
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=out.parent))
+        own = team.own(plans) if team is not None else plans
+        writes = team is None or team.leader
+        where = out.parent if writes else None
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=where))
         try:
             t0 = time.perf_counter()
             cut = second_pass(
                 self.tap,
                 self.corpus,
                 self.input_size,
-                plans,
+                own,
                 fill,
                 scratch,
                 batch_size,
@@ -391,18 +450,22 @@ class Miner:
                 progress,
                 should_stop,
             )
+            if team is not None:
+                team.collect(own, cut)
             t1 = time.perf_counter()
-            layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
-            if should_stop():
-                raise KeyboardInterrupt
-            store.write_result(out, self.file_attrs(), self.images(), layers)
+            if writes:
+                layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
+                if should_stop():
+                    raise KeyboardInterrupt
+                store.write_result(out, self.file_attrs(), self.images(), layers)
             t2 = time.perf_counter()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        failed = [j for j in range(self.start, self.stop) if not self.ok[j]]
+        rows = range(self.start, self.stop) if writes else self.span  # a helper rank: its own
+        failed = [j for j in rows if not self.ok[j]]
         return MineSummary(
             out=out,
-            n_images=self.stop - self.start,
+            n_images=len(rows),
             n_failed=len(failed),
             failures=[(self.corpus.paths[j], self.error[j]) for j in failed],
             layers=list(self.layers),
@@ -438,6 +501,7 @@ def mine(
     force: bool = False,
     progress: bool = True,
     patch_size: int = DEFAULT_PATCH_SIZE,
+    extra_attrs: dict | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -455,6 +519,8 @@ def mine(
         force: overwrite an existing ``out`` (and ignore a stale checkpoint).
         progress: show tqdm bars.
         patch_size: largest stored patch side; larger receptive fields are resampled down.
+        extra_attrs: more root attributes for the result file (str, numbers or lists of them),
+            e.g. the settings a pipeline compares to decide whether the file is up to date.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -469,7 +535,9 @@ def mine(
         if v < 1:
             raise UsageError(f"{what} must be at least 1, got {v}")
     out = store.check_writable(out, force=force, resume=resume)
-    ckpt = _checkpoint_path(out)
+    team = distributed.from_env(device)  # under torchrun: one rank of several
+    ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
+    progress = progress and (team is None or team.leader)
     corpus = discover(sources)
     workers = _default_workers() if workers is None else workers
     miner = Miner(
@@ -480,9 +548,11 @@ def mine(
         k=k,
         per_image=per_image,
         input_size=input_size,
-        device=device,
+        device=device if team is None else team.device,
         patch_size=patch_size,
         shard=shard,
+        extra_attrs=extra_attrs,
+        part=None if team is None else team.part,
     )
     if ckpt.exists() and force:
         ckpt.unlink()
@@ -493,18 +563,23 @@ def mine(
         )
     if resume and ckpt.exists():
         miner.load_state_dict(store.load_checkpoint(ckpt), source=str(ckpt))
-    resumed_from = miner.cursor if miner.cursor > miner.start else 0
+    resumed_from = miner.cursor if miner.cursor > miner.span.start else 0
 
     def save() -> None:
         store.save_checkpoint(ckpt, miner.state_dict())
 
     with _StopFlag() as stop_flag:
         t1 = time.perf_counter()
-        if miner.cursor < miner.stop:
+        if miner.cursor < miner.span.stop:
             miner.first_pass(batch_size, workers, progress, stop_flag, save, checkpoint_every)
             save()
+        if team is not None:
+            team.combine(miner)  # rank 0 now holds every rank's first pass
         first_s = time.perf_counter() - t1
-        summary = miner.finish(out, batch_size, workers, progress, stop_flag)
+        summary = miner.finish(out, batch_size, workers, progress, stop_flag, team)
+    if team is not None:
+        team.barrier()  # the file is written: every rank may drop its checkpoint
+        summary.extra.update(rank=team.rank, world=team.world)
     ckpt.unlink(missing_ok=True)
     summary.first_pass_seconds = first_s
     summary.seconds = time.perf_counter() - t0

@@ -29,6 +29,8 @@ from patchmine.errors import UnknownNameError, UsageError, nearest
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_names"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
+# the embedded model's default layers, early to late: stage outputs, the head, the logits
+DEFAULT_LAYERS = ("_blocks.2.add", "_blocks.4.add", "_blocks.10.add", "_blocks.14.add", "_relu1", "_fc")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,6 +45,7 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int
+    default_layers: tuple[str, ...] = ()  # what to mine when no layers are named
 
 
 def model_names() -> list[str]:
@@ -187,4 +190,5 @@ def _load(name: str, weights: str | None, input_size: int) -> LoadedModel:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    return LoadedModel(module, name, wname, tuple(mean), tuple(std), input_size)
+    defaults = DEFAULT_LAYERS if name == DEFAULT_MODEL else ()
+    return LoadedModel(module, name, wname, tuple(mean), tuple(std), input_size, defaults)

@@ -43,37 +43,61 @@ class LayerPlan:
 
 
 def cut_patches(
-    pixels: torch.Tensor, box: np.ndarray, patch_size: int, fill: tuple[int, int, int]
+    pixels: torch.Tensor,
+    rows: np.ndarray,
+    box: np.ndarray,
+    patch_size: int,
+    fill: tuple[int, int, int],
 ) -> torch.Tensor:
     """Crop boxes out of images, filling outside the image with ``fill``; shrink to ``patch_size``.
 
     Args:
-        pixels: (M, 3, S, S) uint8, one image per box.
+        pixels: (B, 3, S, S) uint8 images.
+        rows: (M,) which image each box is cut from.
         box: (M, 4) int y0, x0, y1, x1 half-open, may run past the image; all boxes of one size.
-        patch_size: P; boxes larger than P (either side) are resampled to P x P (bilinear, antialiased).
+        patch_size: P; boxes larger than P (either side) are resampled to P x P.
         fill: the RGB color (0-255) outside the image.
 
     Returns:
-        (M, P, P, 3) uint8 when resampled, else (M, h, w, 3) with the box size.
+        (M, h, w, 3) uint8, a pixel-exact crop, when the box fits in P; else (M, P, P, 3): each
+        image is shrunk once by P / box size and pasted at the box's scaled, rounded position, so
+        memory and time follow P, not the box.
     """
-    m, _, s, _ = pixels.shape
+    s = pixels.shape[-1]
+    m = len(rows)
     h, w = int(box[0, 2] - box[0, 0]), int(box[0, 3] - box[0, 1])
-    out = torch.empty((m, 3, h, w), dtype=torch.uint8, device=pixels.device)
-    out[:] = torch.tensor(fill, dtype=torch.uint8, device=pixels.device).view(1, 3, 1, 1)
-    for i, (y0, x0, y1, x1) in enumerate(box.tolist()):
-        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, s), min(x1, s)
-        if sy1 > sy0 and sx1 > sx0:
-            out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[i, :, sy0:sy1, sx0:sx1]
-    if h > patch_size or w > patch_size:
-        out = F.interpolate(
-            out.float(),
-            size=(patch_size, patch_size),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    color = torch.tensor(fill, dtype=torch.uint8, device=pixels.device).view(3, 1, 1)
+    if h <= patch_size and w <= patch_size:
+        out = color.expand(m, 3, h, w).clone()
+        for i, (r, (y0, x0, y1, x1)) in enumerate(zip(rows.tolist(), box.tolist(), strict=True)):
+            sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, s), min(x1, s)
+            if sy1 > sy0 and sx1 > sx0:
+                out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[r, :, sy0:sy1, sx0:sx1]
+        return out.permute(0, 2, 3, 1)
+    fy, fx = patch_size / h, patch_size / w
+    used, where = np.unique(rows, return_inverse=True)
+    small = F.interpolate(
+        pixels[torch.from_numpy(used)].float(),
+        size=(max(1, round(s * fy)), max(1, round(s * fx))),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
+    small = small.round_().clamp_(0, 255).to(torch.uint8)
+    sh, sw = small.shape[-2:]
+    out = color.expand(m, 3, patch_size, patch_size).clone()
+    for i, (u, y0, x0) in enumerate(
+        zip(where.tolist(), box[:, 0].tolist(), box[:, 1].tolist(), strict=True)
+    ):
+        py, px = round(-y0 * fy), round(-x0 * fx)  # the image's top-left corner in the patch
+        ty0, tx0 = max(py, 0), max(px, 0)
+        ty1, tx1 = min(py + sh, patch_size), min(px + sw, patch_size)
+        if ty1 > ty0 and tx1 > tx0:
+            out[i, :, ty0:ty1, tx0:tx1] = small[u, :, ty0 - py : ty1 - py, tx0 - px : tx1 - px]
     return out.permute(0, 2, 3, 1)
+
+
+_CHUNK = 1024  # patches cut at a time
 
 
 def _scratch(folder: Path, name: str, shape: tuple, dtype) -> np.ndarray:
@@ -112,8 +136,8 @@ def second_pass(
         safe = p.name.replace(os.sep, "_")
         patch = _scratch(scratch, f"{safe}.patch.npy", (c, k, ph, pw, 3), np.uint8)
         heat = _scratch(scratch, f"{safe}.heat.npy", (c, k, *p.fmap_hw), np.float16)
-        fill_arr = np.asarray(fill, dtype=np.uint8)
-        patch[...] = fill_arr  # unused slots stay mean-colored
+        unused = np.argwhere(p.image < 0)
+        patch[unused[:, 0], unused[:, 1]] = np.asarray(fill, dtype=np.uint8)  # empty slots: fill
         out[p.name] = (patch, heat)
         flat = p.image.reshape(-1)
         entries = np.flatnonzero(flat >= 0)
@@ -170,8 +194,10 @@ def second_pass(
             heat, patch = out[p.name][1], out[p.name][0]
             heat[ch, slot] = a[row, ch].to(torch.float16).cpu().numpy()
             bx = boxes(p.field, yx)
-            cut = cut_patches(pixels_cpu[row], bx, p.patch_size, fill)
-            patch[ch, slot] = cut.numpy()
+            for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
+                part = slice(lo, lo + _CHUNK)
+                cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
+                patch[ch[part], slot[part]] = cut.numpy()
         bar.update(len(index))
     bar.close()
     return out

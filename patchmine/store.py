@@ -18,7 +18,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
 
@@ -81,6 +80,9 @@ def check_writable(path: str | os.PathLike, force: bool = False, resume: bool = 
 def _atomic(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file is as readable as any other
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -338,6 +340,8 @@ def open_result(path: str | os.PathLike) -> Result:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Atomically save a run's resumable state (tensors, arrays, plain values)."""
+    import torch
+
     path = Path(path)
     with _atomic(path, ".ckpt-tmp") as tmp:
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp)
@@ -345,6 +349,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint; a damaged one is refused with a clear message."""
+    import torch
+
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
