@@ -42,8 +42,9 @@ def check_quantiles(est, values, q):
             assert lo - tol_lo <= est[c, j] <= hi + tol_hi, (c, qj, est[c, j], lo, hi)
 
 
-def feed(acts, batches=None, sync_free=False, **kw):
-    rs = RunningStats(acts.shape[1], quantiles=Q, **kw)
+def feed(acts, batches=None, sync_free=False, sample=0):
+    """Accumulate acts in the given batches; by default the histogram sees every location."""
+    rs = RunningStats(acts.shape[1], quantiles=Q, sample=sample)
     rs._sync_free = sync_free
     for b in batches if batches is not None else [np.arange(len(acts))]:
         rs.add(torch.from_numpy(acts[b]))
