@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,8 +140,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode any image to 8-bit RGB, EXIF orientation applied.
 
     Palette and alpha images are composited over white; 16- and 32-bit grayscale is scaled to 8 bits;
-    animated images give their first frame. Raises on any decoding problem (the caller records it).
+    animated images give their first frame. Raises on any decoding problem (the caller records it),
+    on anything but a regular file (a FIFO would block), and on images over Pillow's
+    ``MAX_IMAGE_PIXELS`` (decompression bombs).
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+        raise OSError(f"not a regular file: {os.fsdecode(path)}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
