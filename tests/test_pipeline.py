@@ -12,7 +12,7 @@ import pytest
 
 from patchmine.cli import main
 from patchmine.pipeline import load_pipeline, run_pipeline
-from tests.conftest import write_corpus
+from tests.conftest import SHARED_CORPUS, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,11 +227,7 @@ def test_shipped_pipelines_are_valid():
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image")
 def test_demo_corpus_is_deterministic_and_idempotent(tmp_path):
-    sys.path.insert(0, str(ROOT / "data"))
-    try:
-        import demo_corpus
-    finally:
-        sys.path.remove(str(ROOT / "data"))
+    demo_corpus = _data_module("demo_corpus")
     a = demo_corpus.build(tmp_path / "a", quiet=True)
     b = demo_corpus.build(tmp_path / "b", quiet=True)
     assert 200 <= len(a) <= 600
@@ -244,3 +240,48 @@ def test_demo_corpus_is_deterministic_and_idempotent(tmp_path):
     assert [p.stat().st_mtime_ns for p in a] == mtimes  # nothing rewritten
     assert not (tmp_path / "a" / "sk_stale.jpg").exists()
     assert (tmp_path / "a" / "mine.txt").exists()
+
+
+def _data_module(name: str):
+    sys.path.insert(0, str(ROOT / "data"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "data"))
+
+
+def test_fetch_verifies_what_the_manifest_knows(tmp_path, monkeypatch, capsys):
+    import hashlib
+    import urllib.error
+
+    fetch = _data_module("fetch_imagenet_sample")
+    known = fetch.read_manifest()
+    assert len(known) == 500 and all(n.endswith(".JPEG") for n in known)
+    name = sorted(known)[0]
+    monkeypatch.setitem(known, name, hashlib.sha256(b"good").hexdigest())
+    monkeypatch.setattr(fetch, "_get", lambda url: b"good" if "good" in url else b"bad")
+    assert fetch.fetch_one(tmp_path, "good.JPEG", hashlib.sha256(b"good").hexdigest()) == "ok"
+    assert fetch.fetch_one(tmp_path, "good.JPEG", hashlib.sha256(b"good").hexdigest()) == "kept"
+    assert fetch.fetch_one(tmp_path, "x.JPEG", hashlib.sha256(b"good").hexdigest()) == "mismatch"
+    assert not (tmp_path / "x.JPEG").exists()
+    assert fetch.fetch_one(tmp_path, "odd.JPEG", None) == "unverified"
+
+    def offline(url):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(fetch, "_get", offline)
+    capsys.readouterr()
+    assert fetch.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no network" in err
+
+
+@pytest.mark.corpus
+@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="needs ../shared/corpus")
+def test_manifest_matches_the_shared_photographs():
+    import hashlib
+
+    known = _data_module("fetch_imagenet_sample").read_manifest()
+    files = sorted(SHARED_CORPUS.glob("*.JPEG"))
+    assert sorted(known) == [f.name for f in files]
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == known[f.name] for f in files)
