@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from patchmine.topk import _row_stats
+from patchmine.topk import _row_stats, _stats_alive
 
 __all__ = ["RunningStats"]
 
@@ -117,6 +117,7 @@ class RunningStats:
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
         self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS + _P
+        _stats_alive.add(self)  # TopK then reduces sums along with maxima, for us to reuse
 
     def add(self, acts: torch.Tensor) -> None:
         """Accumulate a batch.

@@ -10,13 +10,15 @@ descending, then image index ascending, then flat location ``y * W + x`` ascendi
 activations never enter. The result is a pure function of the multiset of (image index,
 activations) fed in: batching, batch order, merges of shards and resumes do not change it.
 
-Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`` asc). The hot path
-reduces each (image, channel) map with one ``amax``, drops maps that cannot beat the current k-th
-entry of their channel (one comparison on the (N, C) maxima), and computes the argmax only for the
-few maps that survive. Survivors are buffered and merged into the (C, k) state with three stable
-sorts over the flat buffer, which resolve ties exactly (``torch.topk`` is never used to pick tied
-entries). On CUDA the same code runs without host synchronization: NaNs are replaced in a temporary
-copy, no map is filtered out, and the buffer is merged when it is full.
+Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`` asc). On CPU the
+hot path takes each (image, channel) map's max (one chunked sweep over the activations, shared with
+`patchmine.stats.RunningStats`, which needs the maps' sums and norms from the same read), drops the
+maps that cannot beat their channel's current k-th entry (one comparison on the (N, C) maxima), and
+takes the argmax only of the few maps that survive. Survivors are buffered and merged into the
+(C, k) state with three stable sorts over the flat buffer, which resolve ties exactly
+(``torch.topk`` is never used to pick among tied entries). On other devices the same state and
+merge run without host synchronization: NaNs are replaced in a temporary copy, every map yields its
+candidates, and the buffer is merged when full. The state is C * k entries plus a bounded buffer.
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ def _pair(v, name: str) -> tuple[int, int]:
     return t
 
 
-_CHUNK_BYTES = 1 << 22  # maps reduced together: small enough to stay in cache between reductions
-_last_rows: list = [None]  # (weakref to acts, signature, (max, sum, norm))
+_CHUNK_BYTES = 1 << 23  # maps reduced together: small enough to stay in cache between reductions
+_last_rows: list = [None]  # (weakref to acts, signature, (max, sum or None, norm or None))
+_stats_alive: weakref.WeakSet = weakref.WeakSet()  # RunningStats register here
 
 
-def _row_stats(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_stats(acts: torch.Tensor, full: bool = True) -> tuple:
     """Max, sum and 2-norm of every (image, channel) map of `acts` (N, C, ...), each (N, C) float32.
 
     A map holding a NaN has NaN max and sum. TopK needs the maxima and RunningStats all three, of
     the same activations, which the first pass reads once from memory: the maps are reduced in
     chunks of a few images, all three reductions per chunk while the chunk is in cache, and the
     last result is kept (keyed on the tensor object, its storage, shape, strides and version
-    counter where it has one) for the second caller. Treat the results as read-only.
+    counter where it has one) for the second caller. With ``full=False`` only the maxima are
+    computed (sum and norm are None). Treat the results as read-only.
     """
     try:
         version = acts._version
@@ -58,19 +62,24 @@ def _row_stats(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         version = None
     sig = (acts.data_ptr(), acts.shape, acts.stride(), acts.dtype, version)
     hit = _last_rows[0]
-    if hit is not None and hit[0]() is acts and hit[1] == sig:
+    if hit is not None and hit[0]() is acts and hit[1] == sig and (hit[2][1] is not None
+                                                                     or not full):
         return hit[2]
     N, C = acts.shape[:2]
     x = acts.reshape(N, C, -1)
-    out = tuple(torch.empty(N, C, dtype=torch.float32, device=acts.device) for _ in range(3))
+    out = tuple(torch.empty(N, C, dtype=torch.float32, device=acts.device)
+                for _ in range(3 if full else 1))
     step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
     for i in range(0, N, step):
         c = x[i:i + step]
         if c.dtype != torch.float32:
             c = c.float()
         torch.amax(c, 2, out=out[0][i:i + step])
-        torch.sum(c, 2, out=out[1][i:i + step])
-        torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
+        if full:
+            torch.sum(c, 2, out=out[1][i:i + step])
+            torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
+    if not full:
+        out = (out[0], None, None)
     _last_rows[0] = (weakref.ref(acts), sig, out)
     return out
 
@@ -116,6 +125,7 @@ class TopK:
         # CPU: filter maps with data-dependent shapes; elsewhere avoid host syncs.
         self._sync_free = self.device.type != "cpu"
         n = self.channels * self.k
+        self._flush_at = max(n, 4096)
         self._score = torch.full((n,), _NEG_INF, dtype=torch.float32, device=self.device)
         self._key = torch.full((n,), _NONE, dtype=torch.int64, device=self.device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -205,14 +215,14 @@ class TopK:
             self._add_dense(x, img_l, N)
         else:
             self._add_filtered(given, x, img_l, N)
-        if self._npending >= max(self.channels * self.k, 4096):
+        if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
             self._flush()
 
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
                       N: int) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        m = _row_stats(given)[0]
+        m = _row_stats(given, full=len(_stats_alive) > 0)[0]
         nan_rows = torch.isnan(m)
         has_nan = bool(nan_rows.any())  # a CPU tensor: no device sync
         if has_nan:  # rare
@@ -246,7 +256,8 @@ class TopK:
         chan = self._const("arange_c").repeat(N)
         base = img_l.repeat_interleave(C)
         if self.per_image == 1:
-            score, loc = x.max(1)
+            loc = x.argmax(1)  # argmax documents the first occurrence on ties
+            score = x.gather(1, loc[:, None]).squeeze(1)
             self._push(chan, score.float(), base + loc)
         else:
             self._push_nms(x, chan, base)
@@ -263,7 +274,8 @@ class TopK:
         xs = torch.arange(W, device=w.device)
         scores, locs = [], []
         for r in range(self.per_image):
-            v, loc = w.max(1)  # first occurrence on ties: the smaller flat location
+            loc = w.argmax(1)  # first occurrence on ties: the smaller flat location
+            v = w.gather(1, loc[:, None]).squeeze(1)
             scores.append(v)
             locs.append(loc)
             if r + 1 < self.per_image:
