@@ -150,6 +150,16 @@ def test_large_stream_matches_reference():
     assert_same(run(acts, images, 9, fmap_hw=(3, 3), batches=batches).result(), ref)
 
 
+def test_large_stream_per_image_nms_matches_reference():
+    rng = np.random.default_rng(6)
+    acts = tied_acts(rng, (120, 3, 4, 4), levels=5)
+    images = rng.permutation(1000)[:120]
+    rf = {"rf_size": (7, 7), "rf_stride": (2, 2)}
+    ref = reference(acts, images, 7, 2, **rf)
+    batches = np.array_split(rng.permutation(120), 9)
+    assert_same(run(acts, images, 7, 2, (4, 4), batches=batches, **rf).result(), ref)
+
+
 def test_float64_and_half_inputs():
     rng = np.random.default_rng(4)
     acts = tied_acts(rng, (10, 3, 2, 2))
