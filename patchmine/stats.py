@@ -89,7 +89,8 @@ class RunningStats:
         channels: C.
         device: where the state lives; `add` expects activations there.
         quantiles: the q values reported by `result`, each in [0, 1].
-        sample: about how many locations per map feed the quantile histogram (0: all).
+        sample: about how many locations per map feed the quantile histogram (0: all); the
+            default 4 keeps the histogram at ~10% of the cost of the mean/std/max sweep.
 
     Example:
         >>> rs = RunningStats(64)
