@@ -1,12 +1,14 @@
 """The ``patchmine`` command line: a thin layer over the Python API.
 
-Exit status: 0 success, 2 bad usage (one line on stderr), 1 internal failure, 130 interrupted.
+Exit status: 0 success, 2 bad usage (one line on stderr), 1 internal failure or a failed write (a full
+disk), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM (128 + the signal, as shells do).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -102,16 +104,46 @@ def cmd_mine(args: argparse.Namespace) -> int:
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
         )
-    except KeyboardInterrupt:
-        print(
-            f"patchmine mine: interrupted; the run so far is saved in {args.out}.ckpt. "
-            "Continue it with the same command plus --resume",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as e:
+        ckpt = _mine_checkpoint(args)
+        if os.path.exists(ckpt):
+            what = f"the run so far is saved in {ckpt}. Continue it with the same command plus --resume"
+        else:
+            what = "nothing was saved yet; run the command again to start over"
+        print(f"patchmine mine: interrupted; {what}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
+    except OSError as e:  # a full disk and the like: the checkpoint (if any) survives
+        ckpt = _mine_checkpoint(args)
+        hint = (f"; the run so far is saved in {ckpt}: make room, then rerun with --resume"
+                if os.path.exists(ckpt) else "")
+        print(f"patchmine mine: error: {_oserror(e)}{hint}", file=sys.stderr)
+        _exit_if_stuck(e, 1)
+        return 1
     if not args.quiet and not summary.extra.get("rank"):  # under torchrun: rank 0 reports
         print(summary)
     return 0
+
+
+def _mine_checkpoint(args: argparse.Namespace) -> str:
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE") else None  # torchrun
+    return f"{args.out}.ckpt" + (f".rank{rank}" if rank is not None else "")
+
+
+def _oserror(e: OSError) -> str:
+    """One line: a WriteError's own message, else the errno text with the file name."""
+    from patchmine.store import WriteError
+
+    text = e.strerror if isinstance(e, WriteError) else f"{type(e).__name__}: {e}"
+    return (str(text).splitlines() or [""])[0]
+
+
+def _exit_if_stuck(e: OSError, code: int) -> None:
+    """After a write that HDF5 could not abandon (a full disk), leave before its exit handlers,
+    which would retry the write and crash; the temporary file is already gone."""
+    if getattr(e, "stuck", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -190,8 +222,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2), like every other patchmine error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="patchmine",
         description="What each channel of a CNN responds to: top-k activations with their "
         "receptive-field patches, stored in HDF5, rendered as montages.",
@@ -285,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as e:  # the environment failed (disk full, I/O error), not patchmine
+        print(f"patchmine {args.command}: error: {_oserror(e)}", file=sys.stderr)
+        _exit_if_stuck(e, 1)
+        return 1
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback on request
         if os.environ.get("PATCHMINE_DEBUG"):
             traceback.print_exc()

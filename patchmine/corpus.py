@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import warnings
 from collections.abc import Sequence
@@ -221,6 +222,7 @@ class CorpusDataset(Dataset):
             }
         except Exception as e:  # noqa: BLE001 - any decoding failure is recorded, never fatal
             reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+            reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # odd file names
             return {
                 "index": i,
                 "pixels": torch.zeros(3, s, s, dtype=torch.uint8),
@@ -229,6 +231,17 @@ class CorpusDataset(Dataset):
                 "transform": torch.zeros(3, dtype=torch.float32),
                 "error": reason or type(e).__name__,
             }
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly and ends them.
+
+    Ctrl-C reaches the whole process group: a worker that died of it would make the main process
+    fail with "DataLoader worker exited unexpectedly" (and print the worker's traceback) instead of
+    saving its checkpoint.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(
@@ -243,4 +256,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )

@@ -1,6 +1,6 @@
 """Mining a corpus: the first pass (top-k + statistics), the second pass, the result file.
 
-Public names: mine, Miner, MineSummary, DEFAULT_PATCH_SIZE.
+Public names: mine, Miner, MineSummary, Interrupted, DEFAULT_PATCH_SIZE.
 
 The first pass streams every image once through the tapped model and feeds per-layer collectors whose
 state is checkpointed every few batches; the second pass re-reads only winner images; the result is
@@ -36,7 +36,7 @@ from patchmine.stats import RunningStats
 from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
 from patchmine.topk import TopK
 
-__all__ = ["mine", "Miner", "MineSummary", "DEFAULT_PATCH_SIZE"]
+__all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
 
 DEFAULT_PATCH_SIZE = 96
 
@@ -70,14 +70,30 @@ class MineSummary:
             lines.append(f"resumed at image {self.resumed_from}")
         if self.n_failed:
             lines.append(f"{self.n_failed} unreadable, skipped:")
-            lines += [f"  {p}: {e}" for p, e in self.failures[:20]]
+            lines += [f"  {_printable(p)}: {_printable(e)}" for p, e in self.failures[:20]]
             if self.n_failed > 20:
                 lines.append(f"  ... and {self.n_failed - 20} more (see /images/error)")
         return "\n".join(lines)
 
 
+def _printable(text: str) -> str:
+    """A file name as valid UTF-8: bytes that are not (surrogate escapes) shown as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM (``signum``), after saving its checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loops check it between batches and stop cleanly."""
+    """SIGINT/SIGTERM set a flag; the loops check it between batches and stop cleanly.
+
+    A KeyboardInterrupt leaving the block comes out as :class:`Interrupted` naming the signal.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -97,9 +113,12 @@ class _StopFlag:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            if not isinstance(exc, Interrupted):
+                raise Interrupted(self.signum or signal.SIGINT) from None
 
 
 def _default_workers() -> int:
@@ -161,7 +180,10 @@ class Miner:
         lo, hi = (0, size) if part is None else _shard_range(size, *part)
         self.span = range(self.start + lo, self.start + hi)
         self.cursor = self.span.start
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here")
         self.model = load_model(model, weights, input_size)
@@ -350,8 +372,8 @@ class Miner:
         used = plan.image >= 0
         bx = boxes(plan.field, plan.yx).astype(np.int32)
         bx[~used] = 0
-        bo = to_original(bx, self.transform[np.where(used, plan.image, 0)]).astype(np.float32)
-        bo[~used] = np.nan
+        bo = np.full(bx.shape, np.nan, dtype=np.float32)
+        bo[used] = to_original(bx[used], self.transform[plan.image[used]])
         f, st = plan.field, self.stats[plan.name]
         return store.LayerData(
             attrs={
@@ -457,7 +479,7 @@ class Miner:
                 layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
                 if should_stop():
                     raise KeyboardInterrupt
-                store.write_result(out, self.file_attrs(), self.images(), layers)
+                store.write_result(out, self.file_attrs(), self.images(), layers, should_stop)
             t2 = time.perf_counter()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -10,9 +10,15 @@ when complete, so a reader sees a whole file or none.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import io
 import os
+import re
+import sys
 import tempfile
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "check_writable",
+    "WriteError",
 ]
 
 FORMAT = "patchmine"
@@ -60,14 +67,49 @@ class LayerData:
     stats_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+class WriteError(OSError):
+    """A result or checkpoint could not be written: the disk is full, a size limit, an I/O error.
+
+    ``stuck`` is true when HDF5 could not let go of the abandoned file (it may crash the process
+    at exit: a command-line program should report the error and leave with ``os._exit``).
+    """
+
+    stuck = False
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _write_error(path: Path, e: BaseException) -> WriteError:
+    """The first errno in ``e``'s chain, as one line naming ``path`` (h5py hides it in the text)."""
+    cause: BaseException | None = e
+    while cause is not None:
+        code = cause.errno if isinstance(cause, OSError) else None
+        if code is None:  # h5py: "... errno = 28, error message = 'No space left' ..."
+            found = re.search(r"errno = (\d+),", str(cause))
+            code = int(found.group(1)) if found else None
+        if code:
+            why = os.strerror(code)
+            if code in _DISK_FULL:
+                why += " (the disk is full, or a quota or file-size limit was hit)"
+            return WriteError(code, f"cannot write {path}: {why}")
+        cause = cause.__cause__ or cause.__context__
+    text = str(e).splitlines()[0] if str(e) else ""
+    return WriteError(errno.EIO, f"cannot write {path}: {type(e).__name__}: {text}")
+
+
 def check_writable(path: str | os.PathLike, force: bool = False, resume: bool = False) -> Path:
     """Refuse early (before any work) an output that cannot or must not be written."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder is not writable: {folder}")
+    try:  # os.access says yes to root, and knows nothing of read-only mounts or ACLs
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"output folder is not writable: {folder} ({e.strerror})") from None
     if path.is_dir():
         raise UsageError(f"output is a folder, expected a file path: {path}")
     if path.exists() and not force:
@@ -85,6 +127,11 @@ def _atomic(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file is as readable as any other
     try:
         yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # on disk before it has the final name (a crash must not leave an empty result)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -112,6 +159,7 @@ def write_result(
     attrs: dict,
     images: dict[str, np.ndarray],
     layers: dict[str, LayerData],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Write a complete result file atomically.
 
@@ -120,26 +168,101 @@ def write_result(
         images: ``path`` (N,) str, ``root`` (N,) int16, ``shape`` (N,2), ``ok`` (N,), ``transform``
             (N,3), ``error`` (N,) str.
         layers: node name -> LayerData.
+        should_stop: checked between channels; when true, the write is abandoned (nothing appears
+            at ``path``) and KeyboardInterrupt raised.
+
+    Raises:
+        WriteError: the file could not be written (disk full, ...); nothing is left behind.
     """
     path = Path(path)
-    with _atomic(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
-        _set_attrs(f, {"format": FORMAT, "version": VERSION, **attrs})
-        g = f.create_group("images")
-        g.create_dataset("path", data=_safe_text(images["path"]), dtype=_STR)
-        g.create_dataset("root", data=np.asarray(images["root"], dtype=np.int16))
-        g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
-        g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
-        g.create_dataset(
-            "transform", data=np.asarray(images["transform"], dtype=np.float32).reshape(-1, 3)
-        )
-        g.create_dataset("error", data=_safe_text(images["error"]), dtype=_STR)
-        lg = f.create_group("layers")
-        for name, d in layers.items():
-            _write_layer(lg.create_group(name), d)
+    closed = True
+    try:
+        with _quiet_h5py_dealloc(), _atomic(path) as tmp:
+            f = h5py.File(tmp, "w", libver="latest")
+            fd = f.id.get_vfd_handle()
+            try:
+                _write_file(f, attrs, images, layers, should_stop)
+                f.flush()  # a full disk shows here, while the file can still be abandoned cleanly
+                f.close()
+            except BaseException:
+                closed = _abandon(f, fd, tmp)
+                raise
+    except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
+        if isinstance(e, RuntimeError) and "errno = " not in str(e):
+            raise
+        err = _write_error(path, e)
+        err.stuck = not closed
+        raise err from e
     return path
 
 
-def _write_layer(g: h5py.Group, d: LayerData) -> None:
+@contextlib.contextmanager
+def _quiet_h5py_dealloc() -> Iterator[None]:
+    """A failed write also fails in h5py's object destructors, which print a traceback each (through
+    sys.excepthook, then "Exception ignored in ... __dealloc__"); the write's own error says it in
+    one line."""
+    old_unraisable, old_except = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb, obj=None) -> bool:
+        where = " ".join(f.filename for f in traceback.extract_tb(tb))
+        return "h5py" in repr(obj) + where
+
+    def unraisable(u) -> None:
+        if not from_h5py(u.exc_traceback, u.object):
+            old_unraisable(u)
+
+    def excepthook(kind, value, tb) -> None:
+        if not from_h5py(tb):
+            old_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = old_unraisable, old_except
+
+
+def _abandon(f: h5py.File, fd: int, tmp: Path) -> bool:
+    """Close a file that will be deleted, after a failed write (a full disk) or an interruption.
+
+    Returns False when HDF5 could not close it: after a failed write it retries the flush whenever
+    an object of the file is released, and at exit, where it can crash the process (the CLI exits
+    at once instead; see ``WriteError.stuck``). Pointing the descriptor at /dev/null lets the
+    retried writes succeed and go nowhere (a file-size limit still fails the final truncation).
+    """
+    try:
+        ours = os.path.samestat(os.fstat(fd), os.stat(tmp))
+    except OSError:  # closed by a failed close, and HDF5 still writes to that number
+        ours = True
+    if ours:
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the write's own error is the one to report
+        return False
+    return True
+
+
+def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
+    _set_attrs(f, {"format": FORMAT, "version": VERSION, **attrs})
+    g = f.create_group("images")
+    g.create_dataset("path", data=_safe_text(images["path"]), dtype=_STR)
+    g.create_dataset("root", data=np.asarray(images["root"], dtype=np.int16))
+    g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
+    g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
+    g.create_dataset(
+        "transform", data=np.asarray(images["transform"], dtype=np.float32).reshape(-1, 3)
+    )
+    g.create_dataset("error", data=_safe_text(images["error"]), dtype=_STR)
+    lg = f.create_group("layers")
+    for name, d in layers.items():
+        _write_layer(lg.create_group(name), d, should_stop)
+
+
+def _write_layer(g: h5py.Group, d: LayerData, should_stop=lambda: False) -> None:
     _set_attrs(g, d.attrs)
     g.create_dataset("score", data=np.asarray(d.score, dtype=np.float32))
     g.create_dataset("image", data=np.asarray(d.image, dtype=np.int64))
@@ -159,6 +282,8 @@ def _write_layer(g: h5py.Group, d: LayerData) -> None:
         compression_opts=1,
     )
     for ch in range(c):
+        if should_stop():
+            raise KeyboardInterrupt
         patch[ch] = d.patch[ch]
         heat[ch] = d.heat[ch]
     s = g.create_group("stats")
@@ -343,8 +468,42 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     import torch
 
     path = Path(path)
-    with _atomic(path, ".ckpt-tmp") as tmp:
-        torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp)
+    buf = io.BytesIO()  # torch.save turns a failed write (full disk) into an opaque RuntimeError
+    state = {"checkpoint_version": CHECKPOINT_VERSION, **state}
+    torch.save({**state, "digest": _digest(state)}, buf)
+    try:
+        with _atomic(path, ".ckpt-tmp") as tmp:
+            tmp.write_bytes(buf.getbuffer())
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
+def _digest(obj) -> str:
+    """A SHA-256 over a state's contents (dicts, sequences, tensors, arrays, plain values)."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(o) -> None:
+        if isinstance(o, dict):
+            h.update(b"{%d" % len(o))
+            for key in sorted(o, key=str):
+                feed(str(key))
+                feed(o[key])
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[%d" % len(o))
+            for v in o:
+                feed(v)
+        elif isinstance(o, torch.Tensor):
+            feed(o.detach().cpu().contiguous().numpy() if o.dtype != torch.bfloat16 else o.float())
+        elif isinstance(o, np.ndarray):
+            h.update(f"a{o.dtype.str}{o.shape}".encode())
+            h.update(np.ascontiguousarray(o).tobytes() if o.dtype != object else repr(o).encode())
+        else:
+            h.update(f"{type(o).__name__}:{o!r}".encode("utf-8", "backslashreplace"))
+
+    feed(obj)
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -360,4 +519,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise UsageError(f"checkpoint {path} is not a patchmine checkpoint of this version")
+    missing = [key for key in ("meta", "cursor") if key not in state]
+    if missing or not isinstance(state["meta"], dict):
+        raise UsageError(f"checkpoint {path} is damaged (no {', '.join(missing) or 'meta'})")
+    digest = state.pop("digest", None)
+    if digest is not None and digest != _digest(state):  # torch.load does not check tensor data
+        raise UsageError(f"checkpoint {path} is damaged (checksum mismatch); delete it to start over")
     return state

@@ -12,21 +12,31 @@ process that imports patchmine once and forks a fresh child per command line (``
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import patchmine
 import patchmine.mine as mine_mod
+from patchmine import cli, store
+from patchmine.errors import UsageError
 from patchmine.mine import mine
-from tests.conftest import make_image, write_corpus
+from tests.conftest import assert_same_file, make_image, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["pool", "add", "head"]
@@ -243,3 +253,458 @@ def test_list_naming_missing_files_records_them(tmp_path, tiny_model):
     with patchmine.open(tmp_path / "r.h5") as r:
         assert list(r.image_ok) == [True, False, False, True]
         assert all("No such file" in r.image_error[i] for i in (1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments: exit 2, one line on stderr, no traceback
+
+DRIVER = r"""
+import json, os, runpy, sys, traceback
+import patchmine.cli, patchmine.mine, patchmine.store  # imported once, shared by every fork
+cases, folder = json.load(open(sys.argv[1])), sys.argv[2]
+codes = []
+for i, argv in enumerate(cases):
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(f"{folder}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["patchmine", *argv]
+        code = 0
+        try:  # what `python -m patchmine ARGV` does, in a fresh process
+            runpy.run_module("patchmine", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(codes, sys.stdout)
+"""
+
+
+def _env() -> dict:
+    # a UTF-8 locale: stdout is strict UTF-8, as on most desktops (the C locale would hide bugs)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8", "PYTHONWARNINGS": ""}
+
+
+def _cli_many(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
+    """Run ``patchmine ARGV`` for each case, each in its own process; name -> (code, out, err)."""
+    names = list(cases)
+    spec, logs = cwd / "cases.json", cwd / "logs"
+    logs.mkdir()
+    spec.write_text(json.dumps([[str(a) for a in cases[n]] for n in names]))
+    p = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(spec), str(logs)],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    codes = json.loads(p.stdout)
+    return {
+        n: (c, (logs / f"{i}.out").read_text(errors="replace"),
+            (logs / f"{i}.err").read_text(errors="replace"))
+        for i, (n, c) in enumerate(zip(names, codes, strict=True))
+    }
+
+
+def _make_checkpoint(corpus: Path, out: Path, model: str) -> Path:
+    """A real checkpoint of a run that has not started (k=3, layer pool)."""
+    from patchmine.corpus import discover
+    from patchmine.mine import Miner
+
+    m = Miner(discover([corpus]), model=model, weights="none", layers=["pool"], k=3,
+              per_image=1, input_size=64)
+    ckpt = out.with_name(out.name + ".ckpt")
+    store.save_checkpoint(ckpt, m.state_dict())
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory, tiny_model):
+    """Every bad command line of the table below, run once; name -> (code, stdout, stderr)."""
+    d = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(d / "corpus", 5, duplicates=False)
+    other = write_corpus(d / "other", 3, seed=7, duplicates=False)
+    (d / "empty").mkdir()
+    tiny2 = d / "tiny2.py"  # the same network under another name: another model
+    tiny2.write_text(Path(tiny_model.rsplit(":", 1)[0]).read_text())
+    done = d / "done.h5"
+    _mine([corpus], done, tiny_model, layers=["pool"], k=2)
+    (d / "again.h5").write_bytes(done.read_bytes())
+    (d / "text.h5").write_text("I am not HDF5\n")
+    with h5py.File(d / "plain.h5", "w") as f:
+        f["x"] = np.arange(3)
+    shutil.copy(done, d / "v2.h5")
+    with h5py.File(d / "v2.h5", "a") as f:
+        f.attrs["version"] = 2
+    ckpt = _make_checkpoint(corpus, d / "res.h5", tiny_model)
+    (d / "garbage.h5.ckpt").write_bytes(b"\x80\x04 this is not a checkpoint")
+    data = ckpt.read_bytes()
+    (d / "trunc.h5.ckpt").write_bytes(data[: len(data) // 2])
+    ro = d / "readonly"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    # root writes through chmod 555; the kernel refuses new files in /proc even to root
+    ro_out = "/proc/result.h5" if IS_ROOT else ro / "result.h5"
+    odd = d / "odd"
+    write_corpus(odd, 2, duplicates=False)
+    with open(os.path.join(os.fsencode(odd), NON_UTF8_BAD), "wb") as f:
+        f.write(b"garbage")
+
+    base = ["--model", f"{tiny_model}", "--weights", "none", "--input-size", "64",
+            "--layers", "pool", "-k", "3", "-j", "0", "-q"]
+    mine_ = ["mine", corpus, "--out", d / "new.h5", *base]
+    cases = {
+        "unknown model": ["mine", corpus, "--out", d / "n.h5", "--model", "resnett50"],
+        "unknown layer": [*mine_, "--layers", "pol,add"],
+        "k < 1": [*mine_, "-k", "0"],
+        "k not a number": [*mine_, "-k", "many"],
+        "per-image < 1": [*mine_, "--per-image", "0"],
+        "batch size < 1": [*mine_, "--batch-size", "0"],
+        "bad shard": [*mine_, "--shard", "3/2"],
+        "no --out": ["mine", corpus],
+        "no command": [],
+        "unknown command": ["frobnicate"],
+        "empty corpus": ["mine", d / "empty", "--out", d / "n.h5", *base],
+        "missing corpus": ["mine", d / "nowhere", "--out", d / "n.h5", *base],
+        "output folder missing": ["mine", corpus, "--out", d / "no" / "such" / "r.h5", *base],
+        "output folder read-only": ["mine", corpus, "--out", ro_out, *base],
+        "output exists": ["mine", corpus, "--out", done, *base],
+        "output is a folder": ["mine", corpus, "--out", d / "empty", *base],
+        "device unknown": [*mine_, "--device", "potato"],
+        "weights file missing": [*mine_, "--weights", d / "no-such.pt"],
+        "resume, corpus changed": ["mine", other, "--out", d / "res.h5", *base, "--resume"],
+        "resume, model changed": [*mine_[:3], d / "res.h5", *base, "--model", f"{tiny2}:build",
+                                  "--resume"],
+        "resume, layers changed": [*mine_[:3], d / "res.h5", *base, "--layers", "add",
+                                   "--resume"],
+        "resume, k changed": [*mine_[:3], d / "res.h5", *base, "-k", "4", "--resume"],
+        "checkpoint garbage": [*mine_[:3], d / "garbage.h5", *base, "--resume"],
+        "checkpoint truncated": [*mine_[:3], d / "trunc.h5", *base, "--resume"],
+        "checkpoint, no --resume": [*mine_[:3], d / "res.h5", *base],
+        "info: missing": ["info", d / "missing.h5"],
+        "info: not HDF5": ["info", d / "text.h5"],
+        "info: HDF5, not patchmine": ["info", d / "plain.h5"],
+        "info: schema version 2": ["info", d / "v2.h5"],
+        "render: not HDF5": ["render", d / "text.h5", "--out", d / "r1"],
+        "render: HDF5, not patchmine": ["render", d / "plain.h5", "--out", d / "r2"],
+        "render: schema version 2": ["render", d / "v2.h5", "--out", d / "r3"],
+        "merge: not HDF5": ["merge", d / "text.h5", done, "--out", d / "m1.h5"],
+        "merge: HDF5, not patchmine": ["merge", d / "plain.h5", done, "--out", d / "m2.h5"],
+        "merge: schema version 2": ["merge", d / "v2.h5", done, "--out", d / "m3.h5"],
+        # these succeed
+        "ok: --force overwrites": ["mine", corpus, "--out", d / "again.h5", *base, "--force"],
+        "ok: odd file names": ["mine", odd, "--out", d / "odd.h5", *base[:-1]],
+    }
+    if not torch.cuda.is_available():
+        cases["no CUDA"] = [*mine_, "--device", "cuda"]
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = {c for c in ("render", "merge") if c not in commands.choices}
+    cases = {n: a for n, a in cases.items() if n.split(":")[0] not in missing}
+    t0 = time.perf_counter()
+    results = _cli_many(cases, d)
+    results["_seconds"] = time.perf_counter() - t0
+    results["_missing"] = missing
+    results["_dir"] = d
+    return results
+
+
+USAGE = {  # case -> words the one line on stderr must hold
+    "unknown model": ["unknown model 'resnett50'", "resnet50"],
+    "unknown layer": ["unknown layer 'pol'", "pool"],
+    "k < 1": ["-k", "at least 1, got 0"],
+    "k not a number": ["-k", "whole number", "'many'"],
+    "per-image < 1": ["--per-image", "at least 1"],
+    "batch size < 1": ["--batch-size", "at least 1"],
+    "bad shard": ["--shard", "3/2"],
+    "no --out": ["--out"],
+    "no command": ["COMMAND"],
+    "unknown command": ["frobnicate", "mine"],
+    "empty corpus": ["empty corpus", "empty"],
+    "missing corpus": ["does not exist", "nowhere"],
+    "output folder missing": ["output folder does not exist"],
+    "output folder read-only": ["not writable"],
+    "output exists": ["output exists", "--force"],
+    "output is a folder": ["is a folder"],
+    "device unknown": ["unknown device 'potato'"],
+    "no CUDA": ["CUDA is not available"],
+    "weights file missing": ["weights file not found", "no-such.pt"],
+    "resume, corpus changed": ["cannot resume", "corpus"],
+    "resume, model changed": ["cannot resume", "model", "tiny2.py"],
+    "resume, layers changed": ["cannot resume", "layers", "['pool']", "['add']"],
+    "resume, k changed": ["cannot resume", "k: checkpoint 3, now 4"],
+    "checkpoint garbage": ["garbage.h5.ckpt", "damaged"],
+    "checkpoint truncated": ["trunc.h5.ckpt", "damaged"],
+    "checkpoint, no --resume": ["interrupted run", "--resume", "--force"],
+    "info: missing": ["no such file", "missing.h5"],
+    "info: not HDF5": ["not an HDF5 file", "text.h5"],
+    "info: HDF5, not patchmine": ["not a patchmine result file", "plain.h5"],
+    "info: schema version 2": ["schema version 2", "reads version 1"],
+    "render: not HDF5": ["not an HDF5 file"],
+    "render: HDF5, not patchmine": ["not a patchmine result file"],
+    "render: schema version 2": ["schema version 2"],
+    "merge: not HDF5": ["not an HDF5 file"],
+    "merge: HDF5, not patchmine": ["not a patchmine result file"],
+    "merge: schema version 2": ["schema version 2"],
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE))
+def test_bad_usage_is_one_line_and_exit_2(cli_results, case):
+    if case.split(":")[0] in cli_results["_missing"]:
+        pytest.skip(f"no `patchmine {case.split(':')[0]}` subcommand yet")
+    if case not in cli_results:
+        pytest.skip("CUDA is available here")
+    code, out, err = cli_results[case]
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("patchmine"), err
+    for word in USAGE[case]:
+        assert word in lines[0], (word, lines[0])
+    assert out == ""
+
+
+def test_usage_errors_leave_nothing_behind(cli_results):
+    d = cli_results["_dir"]
+    assert not (d / "n.h5").exists() and not (d / "new.h5").exists()
+    assert not list(d.glob(".*")), list(d.glob(".*"))  # no temp or probe files
+    assert (d / "res.h5.ckpt").exists()  # a refused resume keeps the checkpoint
+    for name in ("garbage.h5", "trunc.h5", "m1.h5", "m2.h5", "m3.h5"):
+        assert not (d / name).exists()
+
+
+def test_force_and_odd_names_succeed(cli_results):
+    d = cli_results["_dir"]
+    code, out, err = cli_results["ok: --force overwrites"]
+    assert code == 0 and "Traceback" not in err, err
+    with patchmine.open(d / "again.h5") as r:  # the new run's settings, not the old file's
+        assert r.attrs["k"] == 3
+    code, out, err = cli_results["ok: odd file names"]
+    assert code == 0 and "Traceback" not in err, err
+    assert "mined 2 of 3 images" in out
+    assert _safe(os.fsdecode(NON_UTF8_BAD)) in out  # printed escaped, stdout strict UTF-8
+
+
+def test_cli_cases_are_cheap(cli_results):
+    assert cli_results["_seconds"] < 120, cli_results["_seconds"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults: signals in every phase, a full disk, damaged checkpoints
+
+MINE_ARGS = ["--weights", "none", "--layers", ",".join(LAYERS), "-k", "4", "--input-size", "64",
+             "--batch-size", "2", "--checkpoint-every", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def fault_corpus(tmp_path_factory, tiny_model):
+    """A small corpus and the result of one uninterrupted run over it."""
+    d = tmp_path_factory.mktemp("faults")
+    corpus = write_corpus(d / "corpus", 12, seed=11)
+    ref = d / "ref.h5"
+    _mine([corpus], ref, tiny_model, k=4, batch_size=5)
+    return corpus, ref
+
+
+def _leftovers(folder: Path, *allowed: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n not in allowed)
+
+
+def _signal_at(monkeypatch, owner, attr: str, sig: int, call: int = 1) -> None:
+    """Send ``sig`` to this process when ``owner.attr`` is called for the ``call``-th time."""
+    real = getattr(owner, attr)
+    count = {"n": 0}
+
+    def wrapper(*a, **kw):
+        count["n"] += 1
+        if count["n"] == call:
+            os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+
+
+PHASES = {  # where the signal lands: (object, attribute, which call)
+    "first pass": (lambda: mine_mod.TopK, "add", 4),
+    "second pass": (lambda: __import__("patchmine.patches").patches, "cut_patches", 1),
+    "write": (lambda: store, "_write_layer", 2),
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_signal_leaves_checkpoint_and_resume_is_exact(
+    tmp_path, fault_corpus, tiny_model, monkeypatch, capsys, phase, sig
+):
+    corpus, ref = fault_corpus
+    out = tmp_path / "run.h5"
+    owner, attr, call = PHASES[phase]
+    argv = ["mine", str(corpus), "--out", str(out), "--model", tiny_model, *MINE_ARGS, "-j", "0"]
+    with monkeypatch.context() as m:
+        _signal_at(m, owner(), attr, sig, call)
+        code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert f"{out}.ckpt" in lines[0] and "--resume" in lines[0], err
+    assert _leftovers(tmp_path) == ["run.h5.ckpt"]  # no partial file, no temp or scratch files
+    state = store.load_checkpoint(f"{out}.ckpt")
+    n = len(os.listdir(corpus))
+    if phase == "first pass":
+        assert 0 < state["cursor"] < n
+    else:
+        assert state["cursor"] == n
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert cli.main([*argv, "--resume"]) == 0
+    assert _leftovers(tmp_path) == ["run.h5"]
+    assert_same_file(ref, out)
+
+
+def test_second_signal_stops_at_once(tmp_path, fault_corpus, tiny_model, monkeypatch, capsys):
+    """Ctrl-C twice: the second one does not wait for the batch; the last checkpoint survives."""
+    corpus, ref = fault_corpus
+    out = tmp_path / "run.h5"
+    real = store._write_layer
+
+    def twice(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "_write_layer", twice)
+    argv = ["mine", str(corpus), "--out", str(out), "--model", tiny_model, *MINE_ARGS, "-j", "0"]
+    assert cli.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert _leftovers(tmp_path) == ["run.h5.ckpt"]
+    monkeypatch.undo()
+    assert cli.main([*argv, "--resume"]) == 0
+    assert_same_file(ref, out)
+
+
+def _popen(argv, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "patchmine", *map(str, argv)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_process_group_with_workers(tmp_path, tiny_model, sig, capsys):
+    """Ctrl-C in a terminal (or a scheduler's SIGTERM) reaches the DataLoader workers too: they
+    must leave it to the main process, which saves and exits with one line, no tracebacks."""
+    corpus = write_corpus(tmp_path / "c", 40, seed=4)
+    out, ref = tmp_path / "run.h5", tmp_path / "ref.h5"
+    common = ["--model", tiny_model, *MINE_ARGS]
+    argv = ["mine", str(corpus), "--out", str(out), *common, "-j", "2", "--batch-size", "1"]
+    p = _popen(argv, start_new_session=True)
+    ckpt = tmp_path / "run.h5.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err, err
+    assert _leftovers(tmp_path) == ["c", "run.h5.ckpt"]
+    assert 0 < store.load_checkpoint(ckpt)["cursor"] < 41
+    fast = ["-j", "0", "--batch-size", "8"]  # the result does not depend on them
+    assert cli.main(["mine", str(corpus), "--out", str(out), *common, *fast, "--resume"]) == 0
+    assert cli.main(["mine", str(corpus), "--out", str(ref), *common, *fast]) == 0
+    assert_same_file(ref, out)
+
+
+def _file_size_limit(limit: int):
+    def set_limit():  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+def test_full_disk_during_write_then_resume(tmp_path, fault_corpus, tiny_model):
+    corpus, ref = fault_corpus
+    out = tmp_path / "run.h5"
+    argv = ["mine", corpus, "--out", out, "--model", tiny_model, *MINE_ARGS, "-j", "0"]
+    # room for the checkpoint (~0.3 MB) and the second pass's scratch arrays, not the result
+    assert os.path.getsize(ref) > 600_000
+    p = _popen(argv, preexec_fn=_file_size_limit(500_000))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "File too large" in err and "disk is full" in err, err
+    assert f"{out}.ckpt" in err and "--resume" in err, err
+    assert _leftovers(tmp_path) == ["run.h5.ckpt"]
+    assert store.load_checkpoint(f"{out}.ckpt")["cursor"] == len(os.listdir(corpus))
+    assert cli.main([str(a) for a in argv] + ["--resume"]) == 0  # space is back
+    assert _leftovers(tmp_path) == ["run.h5"]
+    assert_same_file(ref, out)
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, fault_corpus, tiny_model):
+    """A checkpoint that cannot be written does not replace the last good one."""
+    corpus, _ = fault_corpus
+    ckpt = _make_checkpoint(corpus, tmp_path / "x.h5", tiny_model)
+    before = ckpt.read_bytes()
+    code = (
+        "import sys, torch\n"
+        "from patchmine import store\n"
+        "try:\n"
+        "    store.save_checkpoint(sys.argv[1], {'meta': {}, 'cursor': 0, 'big': torch.ones(10**6)})\n"
+        "except store.WriteError as e:\n"
+        "    print(e.strerror)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt)], env=_env(), capture_output=True,
+                       text=True, preexec_fn=_file_size_limit(1_000_000), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "cannot write" in p.stdout and "File too large" in p.stdout
+    assert ckpt.read_bytes() == before
+    assert _leftovers(tmp_path) == ["x.h5.ckpt"]
+
+
+def test_damaged_checkpoints_are_refused(tmp_path, fault_corpus, tiny_model):
+    corpus, _ = fault_corpus
+    ckpt = _make_checkpoint(corpus, tmp_path / "x.h5", tiny_model)
+    data = ckpt.read_bytes()
+    flipped = bytearray(data)
+    mid = len(data) // 2
+    flipped[mid : mid + 64] = bytes(b ^ 0xFF for b in flipped[mid : mid + 64])  # tensor data
+    for damaged in (b"", data[:100], bytes(flipped), b"PK\x03\x04garbage"):
+        ckpt.write_bytes(damaged)
+        with pytest.raises(UsageError, match="damaged|not a patchmine checkpoint"):
+            store.load_checkpoint(ckpt)
+    torch.save({"checkpoint_version": 1}, ckpt)
+    with pytest.raises(UsageError, match="damaged"):
+        store.load_checkpoint(ckpt)
+    torch.save({"checkpoint_version": 99, "meta": {}, "cursor": 0}, ckpt)
+    with pytest.raises(UsageError, match="not a patchmine checkpoint of this version"):
+        store.load_checkpoint(ckpt)
+
+
+def test_output_checks_before_any_work(tmp_path, tiny_model, monkeypatch):
+    """Unwritable or existing outputs are refused before the corpus is even read."""
+    monkeypatch.setattr(mine_mod, "discover", lambda *_: pytest.fail("work started"))
+    (tmp_path / "exists.h5").write_bytes(b"x")
+    for out, match in [
+        (tmp_path / "exists.h5", "output exists"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "r.h5", "does not exist"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            _mine([tmp_path], out, tiny_model)
+    with pytest.raises(UsageError, match="at least 1"):
+        _mine([tmp_path], tmp_path / "r.h5", tiny_model, k=0)
