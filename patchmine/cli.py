@@ -211,12 +211,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.pipeline)
     try:
         run_pipeline(pipeline, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
             "patchmine run: interrupted; run the same command again to continue where it stopped",
             file=sys.stderr,
         )
-        return 130
+        return 128 + int(getattr(e, "signum", 2))  # 130 for SIGINT, 143 for SIGTERM
     if pipeline.gallery is not None and not args.dry_run:
         print(f"gallery: {(pipeline.gallery / 'index.html').as_uri()}")
     return 0
