@@ -50,8 +50,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from patchmine.errors import UsageError, nearest
+
+if TYPE_CHECKING:
+    from patchmine.corpus import Corpus
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,12 +122,10 @@ class Pipeline:
     gallery: Path | None = None
     render: dict = field(default_factory=dict)
 
-    def settings(self) -> dict:
+    def settings(self, corpus: Corpus) -> dict:
         """What the result file depends on (compared with the one recorded in it)."""
-        from patchmine.corpus import discover
-
         s = {key: self.mine.get(key) for key in _RESULT_KEYS}
-        s["corpus"] = discover([str(p) for p in self.corpus]).fingerprint()
+        s["corpus"] = corpus.fingerprint()
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -308,8 +310,7 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _why_mine(p: Pipeline, settings: dict) -> str | None:
-    from patchmine.corpus import discover
+def _why_mine(p: Pipeline, corpus: Corpus, settings: dict) -> str | None:
     from patchmine.store import open_result
 
     if not p.result.exists():
@@ -338,7 +339,6 @@ def _why_mine(p: Pipeline, settings: dict) -> str | None:
                 what.append(f"{key} {_short(recorded.get(key))} -> {_short(settings.get(key))}")
         return "settings changed: " + ", ".join(what)
     made = p.result.stat().st_mtime_ns
-    corpus = discover([str(c) for c in p.corpus])
     newer = sum(1 for i in range(len(corpus)) if _mtime_ns(corpus.file(i)) > made)
     if newer:
         return f"{newer} corpus image{'s are' if newer > 1 else ' is'} newer than {_show(p.result)}"
@@ -396,6 +396,7 @@ def run_pipeline(
     Raises:
         UsageError: a bad pipeline file, a failing recipe, or any usage error of mine / render.
     """
+    from patchmine.corpus import discover
     from patchmine.mine import mine
     from patchmine.render import render
 
@@ -429,8 +430,10 @@ def run_pipeline(
                 f"{p.path}: corpus path does not exist: {', '.join(map(str, missing))}"
                 + (" (add a [corpus] recipe that builds it)" if p.recipe is None else "")
             )
-        settings = p.settings()
-        if step("mine", "--force" if force else _why_mine(p, settings), _show(p.result)):
+        corpus = discover([str(c) for c in p.corpus])
+        settings = p.settings(corpus)
+        why = "--force" if force else _why_mine(p, corpus, settings)
+        if step("mine", why, _show(p.result)):
             p.result.parent.mkdir(parents=True, exist_ok=True)
             checkpoint = p.result.with_name(p.result.name + ".ckpt")
             resume = checkpoint.exists() and not force and not p.result.exists()
