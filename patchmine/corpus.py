@@ -1,6 +1,7 @@
 """Image corpora: discover files, decode them robustly, preprocess, record each image's geometry.
 
-Public names: IMAGE_EXTENSIONS, Corpus, discover, load_rgb, preprocess, CorpusDataset, make_loader.
+Public names: IMAGE_EXTENSIONS, Corpus, discover, load_rgb, preprocess, CorpusDataset, make_loader,
+printable.
 
 A corpus is an ordered list of files under one or more roots. The order is part of the result (ties
 between equal activations break by corpus index), so discovery is sorted and stable. A file that
@@ -33,6 +34,7 @@ __all__ = [
     "preprocess",
     "CorpusDataset",
     "make_loader",
+    "printable",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -68,6 +70,12 @@ class Corpus:
     def subset(self, start: int, stop: int) -> Corpus:
         """Images ``start:stop``, keeping the roots (used for shards)."""
         return Corpus(self.roots, self.paths[start:stop], self.root_index[start:stop])
+
+
+def printable(text: str) -> str:
+    """A file name as valid UTF-8 (bytes that are not, kept as surrogate escapes by the file
+    system layer, are shown as backslash escapes), for messages and the result file."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _walk(root: Path) -> list[str]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import patchmine
 from patchmine import distributed, store
-from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader
+from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, printable
 from patchmine.errors import UsageError
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
@@ -70,15 +70,10 @@ class MineSummary:
             lines.append(f"resumed at image {self.resumed_from}")
         if self.n_failed:
             lines.append(f"{self.n_failed} unreadable, skipped:")
-            lines += [f"  {_printable(p)}: {_printable(e)}" for p, e in self.failures[:20]]
+            lines += [f"  {printable(p)}: {printable(e)}" for p, e in self.failures[:20]]
             if self.n_failed > 20:
                 lines.append(f"  ... and {self.n_failed - 20} more (see /images/error)")
         return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    """A file name as valid UTF-8: bytes that are not (surrogate escapes) shown as backslash escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Interrupted(KeyboardInterrupt):

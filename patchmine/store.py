@@ -149,11 +149,6 @@ def _set_attrs(obj: h5py.HLObject, attrs: dict) -> None:
             obj.attrs[key] = value
 
 
-def _safe_text(values) -> list[str]:
-    """Strings as valid UTF-8 (file names that are not are shown with backslash escapes)."""
-    return [v.encode("utf-8", "backslashreplace").decode("utf-8") for v in values]
-
-
 def write_result(
     path: str | os.PathLike,
     attrs: dict,
@@ -247,16 +242,18 @@ def _abandon(f: h5py.File, fd: int, tmp: Path) -> bool:
 
 
 def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
+    from patchmine.corpus import printable  # corpus pulls in torch: only writers pay for it
+
     _set_attrs(f, {"format": FORMAT, "version": VERSION, **attrs})
     g = f.create_group("images")
-    g.create_dataset("path", data=_safe_text(images["path"]), dtype=_STR)
+    g.create_dataset("path", data=[printable(p) for p in images["path"]], dtype=_STR)
     g.create_dataset("root", data=np.asarray(images["root"], dtype=np.int16))
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
     g.create_dataset(
         "transform", data=np.asarray(images["transform"], dtype=np.float32).reshape(-1, 3)
     )
-    g.create_dataset("error", data=_safe_text(images["error"]), dtype=_STR)
+    g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     lg = f.create_group("layers")
     for name, d in layers.items():
         _write_layer(lg.create_group(name), d, should_stop)
