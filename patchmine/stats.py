@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from patchmine.topk import _row_stats, _stats_alive
+from patchmine.topk import _one_thread, _row_stats, _stats_alive
 
 __all__ = ["RunningStats"]
 
@@ -134,6 +134,11 @@ class RunningStats:
         N, C = acts.shape[:2]
         if N == 0:
             return
+        with _one_thread(self.device):
+            self._add(acts)
+
+    def _add(self, acts: torch.Tensor) -> None:
+        N, C = acts.shape[:2]
         a4 = acts if acts.dim() == 4 else acts[:, :, None, None]
         H, W = a4.shape[2:]
         x = a4.reshape(N, C, H * W)

@@ -23,6 +23,7 @@ candidates, and the buffer is merged when full. The state is C * k entries plus 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -39,6 +40,27 @@ def _pair(v, name: str) -> tuple[int, int]:
     if len(t) != 2 or min(t) < 1:
         raise ValueError(f"{name} must be two positive ints, got {v!r}")
     return t
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run the enclosed CPU ops on the calling thread only (elsewhere: no effect).
+
+    The collectors' work per batch is a few memory-bound reductions and many small ops. Spread
+    over intra-op threads, each op ends at a barrier, and on a busy machine a barrier waits out a
+    scheduler time slice for a preempted thread: the collectors then cost a large fraction of the
+    forward pass instead of a few percent. One thread also makes the float sums independent of
+    the thread count (a reduction split across threads adds in another order).
+    """
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 _CHUNK_BYTES = 1 << 23  # maps reduced together: small enough to stay in cache between reductions
@@ -211,12 +233,13 @@ class TopK:
         L = H * W
         x = acts.reshape(N * C, L)
         img_l = image_index.to(self.device, torch.int64) * L  # (N,) key of location 0
-        if self._sync_free:
-            self._add_dense(x, img_l, N)
-        else:
-            self._add_filtered(given, x, img_l, N)
-        if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
-            self._flush()
+        with _one_thread(self.device):
+            if self._sync_free:
+                self._add_dense(x, img_l, N)
+            else:
+                self._add_filtered(given, x, img_l, N)
+            if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
+                self._flush()
 
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
                       N: int) -> None:
