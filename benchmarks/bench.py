@@ -533,7 +533,7 @@ def report(ctx: dict) -> str:
             "## 3. Scaling (separate `python -m patchmine mine` processes)",
             "",
             f"{s['model']}, a file list repeating the first {n0} corpus images 1x, 2x, 10x (the",
-            "duplicates tie and the first copy wins: same winners, same second pass). Peak RSS from",
+            "duplicates tie and the first copy wins; see the notes for k > 1). Peak RSS from",
             "`os.wait4` of each child (the larger of the main process and its DataLoader workers).",
             "Marginal first-pass cost per image = (first pass at 10x - at 1x) / (9 x n).",
             "",
