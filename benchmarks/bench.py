@@ -178,6 +178,7 @@ def load_pixels(corpus, n: int, size: int = 224) -> torch.Tensor:
 def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dict:
     """Per-batch forward alone vs forward + the first pass's collectors, interleaved."""
     from patchmine.mine import Miner
+    from patchmine.topk import reduce_maps
 
     name, weights, layers = MODELS[key]
     miner = Miner(
@@ -203,11 +204,12 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
         t0 = time.perf_counter()
         acts = tap(b)
         t1 = time.perf_counter()
+        maps = {n: reduce_maps(acts[n]) for n in layers}  # as Miner.first_pass: one read, two users
         for n in layers:
-            tk[n].add(acts[n], idx)
+            tk[n].add(acts[n], idx, maps[n])
         t2 = time.perf_counter()
         for n in layers:
-            rs[n].add(acts[n])
+            rs[n].add(acts[n], maps[n])
         t3 = time.perf_counter()
         return t3 - t0, (t1 - t0, t2 - t1, t3 - t2)
 

@@ -34,7 +34,7 @@ from patchmine.patches import LayerPlan, second_pass
 from patchmine.receptive import boxes, receptive_fields, to_original
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
-from patchmine.topk import TopK
+from patchmine.topk import TopK, reduce_maps
 
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
 
@@ -307,8 +307,10 @@ class Miner:
                     acts = self.tap(pixels.to(dev, non_blocking=True))
                     idx = idx.to(dev, non_blocking=True)
                     for n in self.layers:
-                        self.topk[n].add(acts[n], idx)
-                        self.stats[n].add(acts[n])
+                        a = acts[n]
+                        maps = reduce_maps(a) if dev.type == "cpu" else None  # one read, two users
+                        self.topk[n].add(a, idx, maps)
+                        self.stats[n].add(a, maps)
                 self.cursor = hi
                 bar.update(hi - lo)
                 if should_stop():

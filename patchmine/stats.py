@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from patchmine.topk import _one_thread, _row_stats, _stats_alive
+from patchmine.topk import _one_thread, reduce_maps
 
 __all__ = ["RunningStats"]
 
@@ -118,13 +118,13 @@ class RunningStats:
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
         self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS + _P
-        _stats_alive.add(self)  # TopK then reduces sums along with maxima, for us to reuse
 
-    def add(self, acts: torch.Tensor) -> None:
+    def add(self, acts: torch.Tensor, maps: tuple | None = None) -> None:
         """Accumulate a batch.
 
         Args:
             acts: (N, C, H, W), or (N, C) for a node without spatial dims; any floating dtype.
+            maps: ``topk.reduce_maps(acts)`` when the caller has it already (shared with TopK).
         """
         if acts.dim() not in (2, 4) or acts.shape[1] != self.channels:
             raise ValueError(f"acts must be (N, {self.channels}, H, W) or (N, {self.channels}), "
@@ -135,9 +135,9 @@ class RunningStats:
         if N == 0:
             return
         with _one_thread(self.device):
-            self._add(acts)
+            self._add(acts, maps)
 
-    def _add(self, acts: torch.Tensor) -> None:
+    def _add(self, acts: torch.Tensor, maps: tuple | None) -> None:
         N, C = acts.shape[:2]
         a4 = acts if acts.dim() == 4 else acts[:, :, None, None]
         H, W = a4.shape[2:]
@@ -151,7 +151,7 @@ class RunningStats:
             self._count += count.sum(0)
             has_nan = True
         else:
-            rmax, rsum, rnorm = _row_stats(acts)
+            rmax, rsum, rnorm = maps or reduce_maps(acts)
             bad = torch.isnan(rmax)
             has_nan = bool(bad.any())  # a CPU tensor: no device sync
             if has_nan:

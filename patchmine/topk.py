@@ -1,6 +1,6 @@
 """Per-channel top-k activations with their locations: exact, vectorized, mergeable.
 
-Public names: `TopK`.
+Public names: `TopK`, `reduce_maps`.
 
 Per channel, every (image, location) is a candidate whose score is the channel's activation there.
 With ``per_image=1`` an image contributes its argmax location only (first in row-major order on
@@ -24,11 +24,10 @@ candidates, and the buffer is merged when full. The state is C * k entries plus 
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
-__all__ = ["TopK"]
+__all__ = ["TopK", "reduce_maps"]
 
 _VERSION = 1
 _NONE = torch.iinfo(torch.int64).max  # key of an unused slot: sorts after every real entry
@@ -64,46 +63,32 @@ def _one_thread(device: torch.device):
 
 
 _CHUNK_BYTES = 1 << 23  # maps reduced together: small enough to stay in cache between reductions
-_last_rows: list = [None]  # (weakref to acts, signature, (max, sum or None, norm or None))
-_stats_alive: weakref.WeakSet = weakref.WeakSet()  # RunningStats register here
 
 
-def _row_stats(acts: torch.Tensor, full: bool = True) -> tuple:
-    """Max, sum and 2-norm of every (image, channel) map of `acts` (N, C, ...), each (N, C) float32.
+def reduce_maps(acts: torch.Tensor, full: bool = True) -> tuple:
+    """Max, sum and 2-norm of every (image, channel) map of ``acts`` (N, C, ...), each (N, C) float32.
 
-    A map holding a NaN has NaN max and sum. TopK needs the maxima and RunningStats all three, of
-    the same activations, which the first pass reads once from memory: the maps are reduced in
-    chunks of a few images, all three reductions per chunk while the chunk is in cache, and the
-    last result is kept (keyed on the tensor object, its storage, shape, strides and version
-    counter where it has one) for the second caller. With ``full=False`` only the maxima are
-    computed (sum and norm are None). Treat the results as read-only.
+    TopK needs the maxima and RunningStats all three, of the same activations: compute them once
+    with this and hand the tuple to both ``add`` calls (``maps=``), so the first pass reads the
+    activations from memory once. The maps are reduced in chunks of a few images, all three
+    reductions per chunk while the chunk is in cache. A map holding a NaN has NaN max and sum.
+    With ``full=False`` only the maxima are computed (sum and norm are None).
     """
-    try:
-        version = acts._version
-    except RuntimeError:  # inference tensors carry no version counter
-        version = None
-    sig = (acts.data_ptr(), acts.shape, acts.stride(), acts.dtype, version)
-    hit = _last_rows[0]
-    if hit is not None and hit[0]() is acts and hit[1] == sig and (hit[2][1] is not None
-                                                                     or not full):
-        return hit[2]
     N, C = acts.shape[:2]
     x = acts.reshape(N, C, -1)
     out = tuple(torch.empty(N, C, dtype=torch.float32, device=acts.device)
                 for _ in range(3 if full else 1))
     step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
-    for i in range(0, N, step):
-        c = x[i:i + step]
-        if c.dtype != torch.float32:
-            c = c.float()
-        torch.amax(c, 2, out=out[0][i:i + step])
-        if full:
-            torch.sum(c, 2, out=out[1][i:i + step])
-            torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
-    if not full:
-        out = (out[0], None, None)
-    _last_rows[0] = (weakref.ref(acts), sig, out)
-    return out
+    with _one_thread(acts.device):
+        for i in range(0, N, step):
+            c = x[i:i + step]
+            if c.dtype != torch.float32:
+                c = c.float()
+            torch.amax(c, 2, out=out[0][i:i + step])
+            if full:
+                torch.sum(c, 2, out=out[1][i:i + step])
+                torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
+    return out if full else (out[0], None, None)
 
 
 def _sort_entries(chan, score, key):
@@ -205,13 +190,16 @@ class TopK:
         return (3 * inter > 2 * ry * rx).to(self.device)
 
     # ------------------------------------------------------------------ hot path
-    def add(self, acts: torch.Tensor, image_index: torch.Tensor) -> None:
+    def add(
+        self, acts: torch.Tensor, image_index: torch.Tensor, maps: tuple | None = None
+    ) -> None:
         """Offer a batch of activations.
 
         Args:
             acts: (N, C, H, W), or (N, C) for a node without spatial dims (a 1 x 1 map); any
                 floating dtype (scores are kept as float32), on `self.device`.
             image_index: (N,) int64 global corpus indices of the batch's images (>= 0).
+            maps: ``reduce_maps(acts)`` when the caller has it already (shared with RunningStats).
         """
         given = acts
         if acts.dim() == 2:
@@ -237,15 +225,15 @@ class TopK:
             if self._sync_free:
                 self._add_dense(x, img_l, N)
             else:
-                self._add_filtered(given, x, img_l, N)
+                self._add_filtered(given, x, img_l, N, maps)
             if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
                 self._flush()
 
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
-                      N: int) -> None:
+                      N: int, maps: tuple | None) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        m = _row_stats(given, full=len(_stats_alive) > 0)[0]
+        m = (maps or reduce_maps(given, full=False))[0]
         nan_rows = torch.isnan(m)
         has_nan = bool(nan_rows.any())  # a CPU tensor: no device sync
         if has_nan:  # rare
