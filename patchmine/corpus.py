@@ -10,6 +10,7 @@ cannot be decoded never stops a run: the dataset yields it with ``ok=False`` and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -40,7 +41,6 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
-LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,16 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """A digest of the roots and the ordered file list (what ``--resume`` checks)."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:  # computed once: every checkpoint records it
         h = hashlib.sha256()
         for r in self.roots:
             h.update(os.fsencode(r) + b"\0")
         for ri, p in zip(self.root_index, self.paths, strict=True):
             h.update(b"%d\0" % ri + os.fsencode(p) + b"\0")
         return h.hexdigest()
-
-    def subset(self, start: int, stop: int) -> Corpus:
-        """Images ``start:stop``, keeping the roots (used for shards)."""
-        return Corpus(self.roots, self.paths[start:stop], self.root_index[start:stop])
 
 
 def printable(text: str) -> str:
