@@ -29,12 +29,13 @@ import patchmine
 from patchmine import distributed, store
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, printable
 from patchmine.errors import UsageError
+from patchmine.maps import reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
 from patchmine.receptive import boxes, receptive_fields, to_original
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
-from patchmine.topk import TopK, reduce_maps
+from patchmine.topk import TopK
 
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
 
@@ -305,12 +306,7 @@ class Miner:
                     pixels, idx = pixels[good], idx[good]
                 if len(idx):
                     acts = self.tap(pixels.to(dev, non_blocking=True))
-                    idx = idx.to(dev, non_blocking=True)
-                    for n in self.layers:
-                        a = acts[n]
-                        maps = reduce_maps(a) if dev.type == "cpu" else None  # one read, two users
-                        self.topk[n].add(a, idx, maps)
-                        self.stats[n].add(a, maps)
+                    self.collect(acts, idx.to(dev, non_blocking=True))
                 self.cursor = hi
                 bar.update(hi - lo)
                 if should_stop():
@@ -319,6 +315,20 @@ class Miner:
                     raise KeyboardInterrupt
                 if checkpoint and checkpoint_every and batches % checkpoint_every == 0:
                     checkpoint()
+
+    @torch.inference_mode()
+    def collect(self, acts: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Feed one batch to the collectors: ``acts`` from ``self.tap``, ``index`` (N,) corpus indices.
+
+        On CPU each activation map is read from memory once for both collectors (`reduce_maps`).
+        """
+        for n in self.layers:
+            a = acts[n]
+            maps = None  # elsewhere the collectors reduce without host syncs
+            if self.device.type == "cpu":
+                maps = reduce_maps(a, sample=self.stats[n].sample)
+            self.topk[n].add(a, index, maps)
+            self.stats[n].add(a, maps)
 
     def part_state(self) -> dict:
         """This process's share of a multi-process run: collectors, statistics, its span's records."""

@@ -25,11 +25,9 @@ lattice is the same for every image, so the counts stay a pure function of the i
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from patchmine.topk import _one_thread, reduce_maps
+from patchmine.maps import Maps, lattice, one_thread, reduce_maps
 
 __all__ = ["RunningStats"]
 
@@ -41,6 +39,8 @@ _P = ((_HI_EXP - _LO_EXP) << (23 - _SHIFT)) + 1  # bins per sign; _P itself is t
 _NBINS = 2 * _P + 1  # slot _P holds |v| < 2^-14
 _NSLOTS = _NBINS + 1  # the last slot collects NaN and is never read
 _DEFAULT_Q = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+_FLUSH_AT = 1 << 21  # values (maps and histogram samples) buffered before they are counted
+_GROUPS = 1 << (31 - _SHIFT)  # float32 bit groups of one sign
 
 
 def _slots(v: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,12 @@ def _slots(v: torch.Tensor) -> torch.Tensor:
     return p.bitwise_xor_(s).sub_(s)
 
 
+def _slot_table() -> torch.Tensor:
+    """(2 * _GROUPS,) int32: _P + the slot of the values whose bits >> _SHIFT are g - _GROUPS."""
+    g = torch.arange(-_GROUPS, _GROUPS, dtype=torch.int32)
+    return _slots((g << _SHIFT).view(torch.float32)) + _P
+
+
 def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) float64 value range of each of the _NBINS slots, lo <= hi."""
     p = torch.arange(1, _P, dtype=torch.int64)
@@ -66,20 +72,6 @@ def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     pos_lo, pos_hi = torch.cat([lo, top]), torch.cat([hi, top])
     return (torch.cat([-pos_hi.flip(0), zero, pos_lo]),
             torch.cat([-pos_lo.flip(0), zero, pos_hi]))
-
-
-def _lattice(H: int, W: int, sample: int) -> tuple[int, int]:
-    """(offset, step) of the flat locations offset, offset + step, ... kept for the histogram.
-
-    The step is the largest one <= H * W // sample that is coprime to W, so that successive
-    locations move to another column as well as down the map (a lattice, not a column).
-    """
-    if sample <= 0 or H * W <= sample:
-        return 0, 1
-    step = H * W // sample
-    while math.gcd(step, W) != 1:
-        step -= 1
-    return step // 2, step
 
 
 class RunningStats:
@@ -117,14 +109,20 @@ class RunningStats:
         self._max = torch.full((C,), float("-inf"), dtype=torch.float32, device=dev)
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
-        self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS + _P
+        self._table = _slot_table().to(dev)
+        self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
+        # batches not yet counted: (sum, norm, max, count) per map, and histogram slot indices
+        self._pending: list[tuple] = []
+        self._slots: list[torch.Tensor] = []
+        self._npending = 0
 
-    def add(self, acts: torch.Tensor, maps: tuple | None = None) -> None:
+    def add(self, acts: torch.Tensor, maps: Maps | None = None) -> None:
         """Accumulate a batch.
 
         Args:
             acts: (N, C, H, W), or (N, C) for a node without spatial dims; any floating dtype.
-            maps: ``topk.reduce_maps(acts)`` when the caller has it already (shared with TopK).
+            maps: ``maps.reduce_maps(acts, sample=self.sample)`` when the caller has it (shared
+                with TopK); without the sample, the histogram reads it from ``acts``.
         """
         if acts.dim() not in (2, 4) or acts.shape[1] != self.channels:
             raise ValueError(f"acts must be (N, {self.channels}, H, W) or (N, {self.channels}), "
@@ -134,54 +132,69 @@ class RunningStats:
         N, C = acts.shape[:2]
         if N == 0:
             return
-        with _one_thread(self.device):
+        if not self._sync_free and (maps is None or maps.sum is None):
+            maps = reduce_maps(acts, sample=self.sample)
+        with one_thread(self.device):
             self._add(acts, maps)
 
-    def _add(self, acts: torch.Tensor, maps: tuple | None) -> None:
+    def _add(self, acts: torch.Tensor, maps: Maps | None) -> None:
         N, C = acts.shape[:2]
         a4 = acts if acts.dim() == 4 else acts[:, :, None, None]
         H, W = a4.shape[2:]
         x = a4.reshape(N, C, H * W)
+        count = N * H * W  # per channel, or (N, C) per map where NaNs were skipped
         if self._sync_free:
             nan = torch.isnan(x)
             count = (H * W) - nan.sum(2)
             xz = x.masked_fill(nan, 0.0)
             rsum, rnorm = xz.sum(2), torch.linalg.vector_norm(xz, dim=2)
             rmax = x.masked_fill(nan, float("-inf")).amax(2)
-            self._count += count.sum(0)
             has_nan = True
         else:
-            rmax, rsum, rnorm = maps or reduce_maps(acts)
-            bad = torch.isnan(rmax)
-            has_nan = bool(bad.any())  # a CPU tensor: no device sync
-            if has_nan:
+            rmax, rsum, rnorm, has_nan = maps.max, maps.sum, maps.norm, maps.nan
+            if has_nan:  # rare: redo the maps that hold a NaN without it
                 rmax, rsum, rnorm = rmax.clone(), rsum.clone(), rnorm.clone()
-                n_i, c_i = bad.nonzero(as_tuple=True)
+                n_i, c_i = torch.isnan(rmax).nonzero(as_tuple=True)
                 rows = x[n_i, c_i]
                 nan = torch.isnan(rows)
                 zero = rows.masked_fill(nan, 0.0)
                 rsum[n_i, c_i] = zero.sum(1)
                 rnorm[n_i, c_i] = torch.linalg.vector_norm(zero, dim=1)
                 rmax[n_i, c_i] = rows.masked_fill(nan, float("-inf")).amax(1)
-                self._count.index_add_(0, c_i, -nan.sum(1))
-            self._count += N * H * W
-        self._sum += rsum.double().sum(0)
-        self._sumsq += rnorm.double().square().sum(0)
-        self._max = torch.maximum(self._max, rmax.amax(0).float())
-        self._add_hist(x, W, has_nan)
-
-    def _add_hist(self, x: torch.Tensor, W: int, has_nan: bool) -> None:
-        """x: (N, C, H * W) activations; a fixed lattice of locations feeds the histogram."""
-        off, step = _lattice(x.shape[2] // W, W, self.sample)
-        grid = x[:, :, off::step] if step > 1 else x
-        v = torch.empty(grid.shape, dtype=torch.float32, device=self.device).copy_(grid)
-        slots = _slots(v)
+                count = torch.full((N, C), H * W, dtype=torch.int64, device=self.device)
+                count[n_i, c_i] -= nan.sum(1)
+        self._pending.append((rsum, rnorm, rmax, count))
+        lat = lattice(H, W, self.sample)
+        if maps is not None and maps.grid is not None and maps.lattice == lat:
+            grid = maps.grid
+        else:
+            grid = torch.empty(x[:, :, lat[0] :: lat[1]].shape, dtype=torch.float32,
+                               device=self.device).copy_(x[:, :, lat[0] :: lat[1]])
+        group = grid.view(torch.int32).bitwise_right_shift(_SHIFT).add_(_GROUPS)
+        idx = self._table.index_select(0, group.view(-1)).view(grid.shape)
         if has_nan:
-            slots.masked_fill_(torch.isnan(v), _NBINS - _P)
-        idx = slots.add_(self._offsets).view(-1)
-        if self._ones.numel() < idx.numel():
-            self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)
-        self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
+            idx.masked_fill_(torch.isnan(grid), _NBINS)
+        self._slots.append(idx.add_(self._offsets).view(-1))
+        self._npending += N * C + idx.numel()
+        if self._npending >= _FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Count the buffered batches: a few large ops instead of many small ones per batch, and
+        the histogram (MBs) read while it stays in cache, not once per batch after the
+        activations have evicted it."""
+        if self._pending:
+            rsum, rnorm, rmax, count = zip(*self._pending, strict=True)
+            self._sum += torch.cat(rsum).double().sum(0)
+            self._sumsq += torch.cat(rnorm).double().square().sum(0)
+            self._max = torch.maximum(self._max, torch.cat(rmax).amax(0).float())
+            for c in count:
+                self._count += c if isinstance(c, int) else c.sum(0)
+        for idx in self._slots:
+            if self._ones.numel() < idx.numel():
+                self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)
+            self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
+        self._pending, self._slots, self._npending = [], [], 0
 
     def merge(self, other: RunningStats) -> None:
         """Fold another accumulator of the same node into this one, in place.
@@ -192,6 +205,8 @@ class RunningStats:
         if not isinstance(other, RunningStats):
             raise TypeError(f"can only merge a RunningStats, got {type(other).__name__}")
         self._check_same(other._config(), "the other RunningStats")
+        self._flush()
+        other._flush()
         self._count += other._count.to(self.device)
         self._sum += other._sum.to(self.device)
         self._sumsq += other._sumsq.to(self.device)
@@ -205,6 +220,7 @@ class RunningStats:
             count: (C,) int64. mean, std, max: (C,) float32. quantile: (C, Q) float32.
             q: (Q,) float32, the quantile levels.
         """
+        self._flush()
         n = self._count.double()
         mean = self._sum / n
         var = (self._sumsq / n - mean.square()).clamp(min=0)
@@ -249,6 +265,7 @@ class RunningStats:
 
     def state_dict(self) -> dict:
         """Plain data: config, "version" and CPU tensors count, sum, sumsq (float64), max, hist."""
+        self._flush()
         return {"version": _VERSION, **self._config(),
                 "count": self._count.cpu().clone(), "sum": self._sum.cpu().clone(),
                 "sumsq": self._sumsq.cpu().clone(), "max": self._max.cpu().clone(),
@@ -270,6 +287,7 @@ class RunningStats:
         self._sumsq = sd["sumsq"].to(dev, torch.float64).clone()
         self._max = sd["max"].to(dev, torch.float32).clone()
         self._hist = sd["hist"].to(dev, torch.int64).clone()
+        self._pending, self._slots, self._npending = [], [], 0
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu") -> RunningStats:
@@ -280,9 +298,10 @@ class RunningStats:
 
     def to(self, device) -> RunningStats:
         """Move the state to `device` (in place); returns self."""
+        self._flush()
         self.device = torch.device(device)
         self._sync_free = self.device.type != "cpu"
-        for name in ("_count", "_sum", "_sumsq", "_max", "_hist", "_ones", "_offsets"):
+        for name in ("_count", "_sum", "_sumsq", "_max", "_hist", "_ones", "_table", "_offsets"):
             setattr(self, name, getattr(self, name).to(self.device))
         return self
 

@@ -1,6 +1,6 @@
 """Per-channel top-k activations with their locations: exact, vectorized, mergeable.
 
-Public names: `TopK`, `reduce_maps`.
+Public names: `TopK`.
 
 Per channel, every (image, location) is a candidate whose score is the channel's activation there.
 With ``per_image=1`` an image contributes its argmax location only (first in row-major order on
@@ -11,8 +11,8 @@ activations never enter. The result is a pure function of the multiset of (image
 activations) fed in: batching, batch order, merges of shards and resumes do not change it.
 
 Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`` asc). On CPU the
-hot path takes each (image, channel) map's max (one chunked sweep over the activations, shared with
-`patchmine.stats.RunningStats`, which needs the maps' sums and norms from the same read), drops the
+hot path takes each (image, channel) map's max (`patchmine.maps.reduce_maps`: one read of the
+activations, shared with `patchmine.stats.RunningStats`), drops the
 maps that cannot beat their channel's current k-th entry (one comparison on the (N, C) maxima), and
 takes the argmax only of the few maps that survive. Survivors are buffered and merged into the
 (C, k) state with three stable sorts over the flat buffer, which resolve ties exactly
@@ -23,11 +23,11 @@ candidates, and the buffer is merged when full. The state is C * k entries plus 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-__all__ = ["TopK", "reduce_maps"]
+from patchmine.maps import Maps, one_thread, reduce_maps
+
+__all__ = ["TopK"]
 
 _VERSION = 1
 _NONE = torch.iinfo(torch.int64).max  # key of an unused slot: sorts after every real entry
@@ -39,56 +39,6 @@ def _pair(v, name: str) -> tuple[int, int]:
     if len(t) != 2 or min(t) < 1:
         raise ValueError(f"{name} must be two positive ints, got {v!r}")
     return t
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run the enclosed CPU ops on the calling thread only (elsewhere: no effect).
-
-    The collectors' work per batch is a few memory-bound reductions and many small ops. Spread
-    over intra-op threads, each op ends at a barrier, and on a busy machine a barrier waits out a
-    scheduler time slice for a preempted thread: the collectors then cost a large fraction of the
-    forward pass instead of a few percent. One thread also makes the float sums independent of
-    the thread count (a reduction split across threads adds in another order).
-    """
-    n = torch.get_num_threads() if device.type == "cpu" else 1
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-_CHUNK_BYTES = 1 << 23  # maps reduced together: small enough to stay in cache between reductions
-
-
-def reduce_maps(acts: torch.Tensor, full: bool = True) -> tuple:
-    """Max, sum and 2-norm of every (image, channel) map of ``acts`` (N, C, ...), each (N, C) float32.
-
-    TopK needs the maxima and RunningStats all three, of the same activations: compute them once
-    with this and hand the tuple to both ``add`` calls (``maps=``), so the first pass reads the
-    activations from memory once. The maps are reduced in chunks of a few images, all three
-    reductions per chunk while the chunk is in cache. A map holding a NaN has NaN max and sum.
-    With ``full=False`` only the maxima are computed (sum and norm are None).
-    """
-    N, C = acts.shape[:2]
-    x = acts.reshape(N, C, -1)
-    out = tuple(torch.empty(N, C, dtype=torch.float32, device=acts.device)
-                for _ in range(3 if full else 1))
-    step = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
-    with _one_thread(acts.device):
-        for i in range(0, N, step):
-            c = x[i:i + step]
-            if c.dtype != torch.float32:
-                c = c.float()
-            torch.amax(c, 2, out=out[0][i:i + step])
-            if full:
-                torch.sum(c, 2, out=out[1][i:i + step])
-                torch.linalg.vector_norm(c, dim=2, out=out[2][i:i + step])
-    return out if full else (out[0], None, None)
 
 
 def _sort_entries(chan, score, key):
@@ -191,7 +141,7 @@ class TopK:
 
     # ------------------------------------------------------------------ hot path
     def add(
-        self, acts: torch.Tensor, image_index: torch.Tensor, maps: tuple | None = None
+        self, acts: torch.Tensor, image_index: torch.Tensor, maps: Maps | None = None
     ) -> None:
         """Offer a batch of activations.
 
@@ -199,7 +149,7 @@ class TopK:
             acts: (N, C, H, W), or (N, C) for a node without spatial dims (a 1 x 1 map); any
                 floating dtype (scores are kept as float32), on `self.device`.
             image_index: (N,) int64 global corpus indices of the batch's images (>= 0).
-            maps: ``reduce_maps(acts)`` when the caller has it already (shared with RunningStats).
+            maps: ``maps.reduce_maps(acts)`` when the caller has it (shared with RunningStats).
         """
         given = acts
         if acts.dim() == 2:
@@ -221,7 +171,7 @@ class TopK:
         L = H * W
         x = acts.reshape(N * C, L)
         img_l = image_index.to(self.device, torch.int64) * L  # (N,) key of location 0
-        with _one_thread(self.device):
+        with one_thread(self.device):
             if self._sync_free:
                 self._add_dense(x, img_l, N)
             else:
@@ -230,21 +180,20 @@ class TopK:
                 self._flush()
 
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
-                      N: int, maps: tuple | None) -> None:
+                      N: int, maps: Maps | None) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        m = (maps or reduce_maps(given, full=False))[0]
-        nan_rows = torch.isnan(m)
-        has_nan = bool(nan_rows.any())  # a CPU tensor: no device sync
+        maps = maps if maps is not None else reduce_maps(given, full=False)
+        m, has_nan = maps.max, maps.nan
         if has_nan:  # rare
             m = m.clone()
-            bad = nan_rows.view(-1).nonzero().squeeze(1)
+            bad = torch.isnan(m).view(-1).nonzero().squeeze(1)
             m.view(-1)[bad] = x[bad].nan_to_num(nan=_NEG_INF, posinf=float("inf"),
                                                 neginf=_NEG_INF).amax(1)
         t_score = self._score.view(C, k)[:, -1]
         t_key = self._key.view(C, k)[:, -1]
+        # a -inf map kept while its channel has free slots is pushed as an unused slot
         keep = (m > t_score) | ((m == t_score) & (img_l[:, None] <= t_key))
-        keep &= m > _NEG_INF
         rows = keep.view(-1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return

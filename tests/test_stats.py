@@ -106,7 +106,7 @@ def test_subsampled_histogram_uses_a_fixed_lattice(hw, sample):
     rs = RunningStats(3, quantiles=Q, sample=sample)
     rs.add(torch.from_numpy(acts))
     check_quantiles(res["quantile"].numpy(), grid, Q)
-    assert int(rs._hist.sum()) == grid.size
+    assert int(rs.state_dict()["hist"].sum()) == grid.size
 
 
 def test_large_and_tiny_magnitudes_saturate_as_documented():
@@ -178,7 +178,8 @@ def test_refuses_mismatch():
 
 def test_shared_map_reductions_give_the_same_results():
     """TopK and RunningStats fed one reduce_maps() result equal those that reduce by themselves."""
-    from patchmine.topk import TopK, reduce_maps
+    from patchmine.maps import reduce_maps
+    from patchmine.topk import TopK
 
     acts = torch.rand(4, 3, 5, 5)
     acts[1, 2, 0, 0] = float("nan")
@@ -192,3 +193,30 @@ def test_shared_map_reductions_give_the_same_results():
     for a, b in [(tk.result(), tk2.result()), (rs.result(), rs2.result())]:
         for key in a:
             assert torch.equal(a[key].nan_to_num(-1), b[key].nan_to_num(-1)), key
+
+
+def test_slot_table_matches_the_bit_formula():
+    """The lookup by bit group gives every float32 the slot the documented formula gives."""
+    from patchmine.stats import _P, _SHIFT, _slot_table, _slots
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31, (200_000,), generator=g, dtype=torch.int64)
+    bits = torch.cat([bits, torch.tensor([0, -(2**31), 0x7F800000, -0x800000, 1, 0x38800000])])
+    v = bits.to(torch.int32).view(torch.float32)
+    v = v[~torch.isnan(v)]
+    table = _slot_table()
+    looked_up = table[(v.view(torch.int32) >> _SHIFT).long() + (1 << (31 - _SHIFT))]
+    assert torch.equal(looked_up, _slots(v.clone()) + _P)
+
+
+@pytest.mark.parametrize("flush_at", [1, 50, 1 << 21])
+def test_buffering_does_not_change_results(flush_at, monkeypatch):
+    """Batches are counted every ~flush_at values; results are the same whenever that happens."""
+    rng = np.random.default_rng(5)
+    acts = make_acts(rng, (24, 3, 5, 6), nan=0.01)
+    want = feed(acts, np.array_split(np.arange(24), 24)).result()
+    monkeypatch.setattr("patchmine.stats._FLUSH_AT", flush_at)
+    rs = feed(acts, np.array_split(np.arange(24), 7))
+    sd = rs.state_dict()  # counts what is buffered
+    assert int(sd["hist"][:, :-1].sum()) == int(sd["count"].sum())  # the last slot: NaN
+    assert_identical(rs.result(), want)
