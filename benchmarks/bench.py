@@ -198,7 +198,7 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
         offset += len(b)
         return torch.arange(offset - len(b), offset)
 
-    t = {v: [] for v in ("fwd", "topk", "stats", "heapq", "bare")}
+    t = {v: [] for v in ("fwd", "reduce", "max", "topk", "stats", "heapq", "bare")}
     pair = []  # forward / (forward + collect) of one batch, the two run back to back
     with torch.inference_mode():
         # warm-up: the collectors see every batch once (cold: every map enters the top-k), so the
@@ -217,32 +217,39 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
                     del acts
                 times = dict(runs)
                 pair.append(times[False] / times[True])
-        # the parts: reduce_maps + TopK and RunningStats apart, and the reference collectors
-        for b in batches:
-            t0 = time.perf_counter()
-            acts = tap(b)
-            t1 = time.perf_counter()
-            idx = index(b)
-            maps = {n: reduce_maps(acts[n], sample=rs[n].sample) for n in layers}
-            for n in layers:
-                tk[n].add(acts[n], idx, maps[n])
-            t2 = time.perf_counter()
-            for n in layers:
-                rs[n].add(acts[n], maps[n])
-            t3 = time.perf_counter()
-            t["fwd"].append(t1 - t0)
-            t["topk"].append(t2 - t1)
-            t["stats"].append(t3 - t2)
-            for v in ("heapq", "bare"):
+        # the parts: reduce_maps, TopK, RunningStats apart (and the maxima alone, what TopK
+        # would need without the statistics), then the reference collectors
+        for _ in range(2):
+            for b in batches:
                 t0 = time.perf_counter()
+                acts = tap(b)
+                t1 = time.perf_counter()
+                idx = index(b)
+                maps = {n: reduce_maps(acts[n], sample=rs[n].sample) for n in layers}
+                t2 = time.perf_counter()
                 for n in layers:
-                    refs[v][n].add(acts[n], idx)
-                t[v].append(time.perf_counter() - t0)
-            del acts, maps
+                    tk[n].add(acts[n], idx, maps[n])
+                t3 = time.perf_counter()
+                for n in layers:
+                    rs[n].add(acts[n], maps[n])
+                t4 = time.perf_counter()
+                for n in layers:
+                    reduce_maps(acts[n], full=False)
+                t5 = time.perf_counter()
+                parts = (t1 - t0, t2 - t1, t5 - t4, t3 - t2, t4 - t3)
+                for v, dt in zip(("fwd", "reduce", "max", "topk", "stats"), parts, strict=True):
+                    t[v].append(dt)
+                for v in ("heapq", "bare"):
+                    t0 = time.perf_counter()
+                    for n in layers:
+                        refs[v][n].add(acts[n], idx)
+                    t[v].append(time.perf_counter() - t0)
+                del acts, maps
     fwd = med(t["fwd"])
+    mean = {v: statistics.fmean(x) for v, x in t.items()}  # collectors: flushes amortized
 
     def share(*vs):
-        return fwd / (fwd + sum(med(t[v]) for v in vs))
+        return fwd / (fwd + sum(mean[v] for v in vs))
 
     return {
         "model": name,
@@ -251,11 +258,13 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
         "batches": len(batches),
         "reps": reps,
         "fwd_s": fwd,
-        "topk_s": med(t["topk"]),
-        "stats_s": med(t["stats"]),
+        "reduce_s": mean["reduce"],
+        "topk_s": mean["topk"],
+        "stats_s": mean["stats"],
         "ratio_pairs": med(pair),
         "ratio_pairs_spread": spread(pair),
-        "ratio_parts": share("topk", "stats"),
+        "ratio_parts": share("reduce", "topk", "stats"),
+        "ratio_topk": share("max", "topk"),
         "ratio_heapq": share("heapq"),
         "ratio_bare": share("bare"),
     }
@@ -469,20 +478,24 @@ def report(ctx: dict) -> str:
             "`RunningStats.add` for every tapped layer, as `Miner.first_pass` runs them) back to",
             "back, in alternating order; median of the per-batch ratios (min-max). Collectors",
             "primed with every batch first, so the timed runs show the steady state of a long run.",
-            "*parts*: forward / (forward + the median per-batch times of `reduce_maps` + TopK and",
-            "of RunningStats, timed apart); heapq and bare amax+topk (no locations) are reference",
+            "*parts*: forward (median) / (forward + the mean per-batch times of `reduce_maps`,",
+            "`TopK.add` and `RunningStats.add`, timed apart); *top-k alone*: the same with only",
+            "the maxima reduced and `TopK.add`, i.e. the top-k collector with locations and",
+            "without the statistics; heapq and bare amax+topk (no locations) are reference",
             "collectors timed on the same activations.",
             "",
-            "| model | batch x batches x runs | forward s/batch | reduce + TopK s | RunningStats s "
-            "| ratio (first pass) | parts | heapq | bare amax+topk |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | batch x batches x runs | forward s/batch | reduce_maps s | TopK s "
+            "| RunningStats s | ratio (first pass) | parts | top-k alone | heapq "
+            "| bare amax+topk |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in ctx["collector"]:
             L.append(
                 f"| {c['model']} | {c['batch']} x {c['batches']} x {c['reps']} | "
-                f"{c['fwd_s']:.3f} | {c['topk_s']:.4f} | {c['stats_s']:.4f} | "
-                f"**{c['ratio_pairs']:.3f}** ({c['ratio_pairs_spread']}) | "
-                f"{c['ratio_parts']:.3f} | {c['ratio_heapq']:.3f} | {c['ratio_bare']:.3f} |"
+                f"{c['fwd_s']:.3f} | {c['reduce_s']:.4f} | {c['topk_s']:.4f} | "
+                f"{c['stats_s']:.4f} | **{c['ratio_pairs']:.3f}** ({c['ratio_pairs_spread']}) | "
+                f"{c['ratio_parts']:.3f} | {c['ratio_topk']:.3f} | {c['ratio_heapq']:.3f} | "
+                f"{c['ratio_bare']:.3f} |"
             )
             targets.append(
                 (
@@ -674,8 +687,9 @@ def main(argv=None) -> int:
                 c = bench_collector(corpus, key, bs, nb, reps)
                 ctx["collector"].append(c)
                 log(
-                    f"  {key}: forward {c['fwd_s']:.3f}s/batch, TopK {c['topk_s']:.4f}s, stats "
-                    f"{c['stats_s']:.4f}s; ratio {c['ratio_pairs']:.3f} (first pass) "
+                    f"  {key}: forward {c['fwd_s']:.3f}s/batch, reduce {c['reduce_s']:.4f}s, TopK "
+                    f"{c['topk_s']:.4f}s, stats {c['stats_s']:.4f}s; top-k alone "
+                    f"{c['ratio_topk']:.3f}; ratio {c['ratio_pairs']:.3f} (first pass) "
                     f"{c['ratio_parts']:.3f} (parts); heapq {c['ratio_heapq']:.3f}, bare "
                     f"{c['ratio_bare']:.3f}"
                 )
