@@ -59,7 +59,8 @@ def one_thread(device: torch.device):
     """Run the enclosed CPU ops on the calling thread only (elsewhere: no effect).
 
     For the collectors' many small ops: spread over intra-op threads, each op ends at a barrier,
-    and on a busy machine a barrier waits out a scheduler time slice for a preempted thread.
+    and on a busy machine a barrier waits out a scheduler time slice for a preempted thread. One
+    thread also keeps the sum of a lone map (which torch would split) independent of the count.
     """
     n = torch.get_num_threads() if device.type == "cpu" else 1
     if n == 1:

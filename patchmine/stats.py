@@ -4,7 +4,8 @@ Public names: `RunningStats`.
 
 count, mean, std (population, ddof=0) and max cover every location of every image. Sums are per
 (image, channel) map in float32 (a function of the image alone), accumulated over images in
-float64, so the float32 results do not depend on batching, order or sharding in practice. std comes
+float64 (batches are buffered and added every ~2M values), so the float32 results do not depend on
+batching, order or sharding in practice. std comes
 from E[x^2] - E[x]^2 and so loses relative accuracy on channels whose std is below ~1e-3 of their
 mean. NaN activations are skipped (not counted, enter no statistic).
 
@@ -21,6 +22,8 @@ For speed the histogram (only the histogram) sees a fixed subsample of each map'
 coprime to W and ``offset = step // 2`` (a lattice: no two samples share a row-major run or a
 column). All locations are used when the map has no more than `sample` (e.g. (N, C) nodes). The
 lattice is the same for every image, so the counts stay a pure function of the images fed in.
+`patchmine.maps.reduce_maps` copies these values out while it reduces the maps, so that the
+histogram costs no extra read of the activations.
 """
 
 from __future__ import annotations
@@ -112,8 +115,8 @@ class RunningStats:
         self._table = _slot_table().to(dev)
         self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
         # batches not yet counted: (sum, norm, max, count) per map, and histogram slot indices
-        self._pending: list[tuple] = []
-        self._slots: list[torch.Tensor] = []
+        self._pending_maps: list[tuple] = []
+        self._pending_slots: list[torch.Tensor] = []
         self._npending = 0
 
     def add(self, acts: torch.Tensor, maps: Maps | None = None) -> None:
@@ -163,7 +166,7 @@ class RunningStats:
                 rmax[n_i, c_i] = rows.masked_fill(nan, float("-inf")).amax(1)
                 count = torch.full((N, C), H * W, dtype=torch.int64, device=self.device)
                 count[n_i, c_i] -= nan.sum(1)
-        self._pending.append((rsum, rnorm, rmax, count))
+        self._pending_maps.append((rsum, rnorm, rmax, count))
         lat = lattice(H, W, self.sample)
         if maps is not None and maps.grid is not None and maps.lattice == lat:
             grid = maps.grid
@@ -174,7 +177,7 @@ class RunningStats:
         idx = self._table.index_select(0, group.view(-1)).view(grid.shape)
         if has_nan:
             idx.masked_fill_(torch.isnan(grid), _NBINS)
-        self._slots.append(idx.add_(self._offsets).view(-1))
+        self._pending_slots.append(idx.add_(self._offsets).view(-1))
         self._npending += N * C + idx.numel()
         if self._npending >= _FLUSH_AT:
             self._flush()
@@ -183,18 +186,18 @@ class RunningStats:
         """Count the buffered batches: a few large ops instead of many small ones per batch, and
         the histogram (MBs) read while it stays in cache, not once per batch after the
         activations have evicted it."""
-        if self._pending:
-            rsum, rnorm, rmax, count = zip(*self._pending, strict=True)
+        if self._pending_maps:
+            rsum, rnorm, rmax, count = zip(*self._pending_maps, strict=True)
             self._sum += torch.cat(rsum).double().sum(0)
             self._sumsq += torch.cat(rnorm).double().square().sum(0)
             self._max = torch.maximum(self._max, torch.cat(rmax).amax(0).float())
             for c in count:
                 self._count += c if isinstance(c, int) else c.sum(0)
-        for idx in self._slots:
+        for idx in self._pending_slots:
             if self._ones.numel() < idx.numel():
                 self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)
             self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
-        self._pending, self._slots, self._npending = [], [], 0
+        self._pending_maps, self._pending_slots, self._npending = [], [], 0
 
     def merge(self, other: RunningStats) -> None:
         """Fold another accumulator of the same node into this one, in place.
@@ -287,7 +290,7 @@ class RunningStats:
         self._sumsq = sd["sumsq"].to(dev, torch.float64).clone()
         self._max = sd["max"].to(dev, torch.float32).clone()
         self._hist = sd["hist"].to(dev, torch.int64).clone()
-        self._pending, self._slots, self._npending = [], [], 0
+        self._pending_maps, self._pending_slots, self._npending = [], [], 0
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu") -> RunningStats:

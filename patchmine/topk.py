@@ -12,11 +12,12 @@ activations) fed in: batching, batch order, merges of shards and resumes do not 
 
 Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`` asc). On CPU the
 hot path takes each (image, channel) map's max (`patchmine.maps.reduce_maps`: one read of the
-activations, shared with `patchmine.stats.RunningStats`), drops the
-maps that cannot beat their channel's current k-th entry (one comparison on the (N, C) maxima), and
-takes the argmax only of the few maps that survive. Survivors are buffered and merged into the
-(C, k) state with three stable sorts over the flat buffer, which resolve ties exactly
-(``torch.topk`` is never used to pick among tied entries). On other devices the same state and
+activations, shared with `patchmine.stats.RunningStats`), drops the maps that cannot beat their
+channel's current k-th entry (one comparison on the (N, C) maxima; while the state fills up, also
+those below their channel's k-th best in the batch), and takes the argmax only of the few maps
+that survive. Survivors are buffered and merged into the (C, k) state with three stable sorts over
+the flat buffer, which resolve ties exactly (``torch.topk`` gives a threshold value at most, it
+never picks among tied entries). On other devices the same state and
 merge run without host synchronization: NaNs are replaced in a temporary copy, every map yields its
 candidates, and the buffer is merged when full. The state is C * k entries plus a bounded buffer.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from patchmine.maps import Maps, one_thread, reduce_maps
+from patchmine.maps import Maps, reduce_maps
 
 __all__ = ["TopK"]
 
@@ -171,13 +172,12 @@ class TopK:
         L = H * W
         x = acts.reshape(N * C, L)
         img_l = image_index.to(self.device, torch.int64) * L  # (N,) key of location 0
-        with one_thread(self.device):
-            if self._sync_free:
-                self._add_dense(x, img_l, N)
-            else:
-                self._add_filtered(given, x, img_l, N, maps)
-            if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
-                self._flush()
+        if self._sync_free:
+            self._add_dense(x, img_l, N)
+        else:
+            self._add_filtered(given, x, img_l, N, maps)
+        if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
+            self._flush()
 
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
                       N: int, maps: Maps | None) -> None:
@@ -195,6 +195,11 @@ class TopK:
         # a -inf map kept while its channel has free slots is pushed as an unused slot
         keep = (m > t_score) | ((m == t_score) & (img_l[:, None] <= t_key))
         rows = keep.view(-1).nonzero().squeeze(1)
+        if rows.numel() > k * C and N > k:
+            # more candidates than can enter (the first batches of a run): a map below the k-th
+            # best max of its channel in this batch has k entries above it
+            keep &= m >= m.topk(k, dim=0).values[-1]
+            rows = keep.view(-1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         chan = rows % C
