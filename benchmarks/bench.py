@@ -367,8 +367,11 @@ def wrap(*a, **k):
 m.mine = wrap
 rc = cli.main(["mine", *sys.argv[1:]])
 s = box["s"]
+with open("/proc/self/status") as f:  # this process's peak since exec
+    hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
 print("BENCH " + json.dumps({"total_s": s.seconds, "first_s": s.first_pass_seconds,
-      "second_s": s.second_pass_seconds, "write_s": s.write_seconds, "winners": s.winner_images}))
+      "second_s": s.second_pass_seconds, "write_s": s.write_seconds, "winners": s.winner_images,
+      "rss_mib": hwm / 1024}))
 sys.exit(rc)
 """
 
@@ -376,15 +379,16 @@ sys.exit(rc)
 def run_cli_rss(args: list[str]) -> dict:
     """``patchmine mine ARGS`` in a child process: wall time, phases, peak RSS.
 
-    Peak RSS comes from ``os.wait4`` on that child: the larger of its own and its reaped
-    DataLoader workers'.
+    Peak RSS is the mining process's own high-water mark (VmHWM, which starts afresh at exec).
+    Not ``wait4``'s ru_maxrss: Linux carries the pre-exec RSS into it, and a child forked from
+    this (large) benchmark process would report the benchmark's size. DataLoader workers are
+    forked from the mining process and share most of its pages.
     """
     cmd = [sys.executable, "-c", _CHILD, *args]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         p = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p.wait()
         wall = time.perf_counter() - t0
         fo.seek(0)
         fe.seek(0)
@@ -394,7 +398,7 @@ def run_cli_rss(args: list[str]) -> dict:
         raise RuntimeError(
             f"patchmine mine {shlex.join(args)} failed ({p.returncode}):\n{err[-2000:]}"
         )
-    return {"wall_s": wall, "rss_mib": ru.ru_maxrss / 1024, **json.loads(line[0][6:])}  # KiB
+    return {"wall_s": wall, **json.loads(line[0][6:])}
 
 
 def bench_scaling(corpus_dir: Path, key: str, n0: int, batch: int, workers: int, tmp: Path):
@@ -403,7 +407,7 @@ def bench_scaling(corpus_dir: Path, key: str, n0: int, batch: int, workers: int,
     name, weights, layers = MODELS[key]
     files = [str(corpus_dir.resolve() / p) for p in discover([corpus_dir]).paths[:n0]]
     lists = {}
-    for mult in (1, 2, 10):
+    for mult in (1, 2, 10, 30):
         f = tmp / f"list-{mult}x.txt"
         f.write_text("\n".join(files * mult) + "\n")
         lists[mult] = f
@@ -412,7 +416,7 @@ def bench_scaling(corpus_dir: Path, key: str, n0: int, batch: int, workers: int,
     if weights:
         common += ["--weights", weights]
     runs = []
-    plan = [(1, 9), (2, 9), (10, 9), (1, 1), (10, 1), (1, 100), (10, 100)]
+    plan = [(1, 9), (2, 9), (10, 9), (30, 9), (1, 1), (10, 1), (1, 100), (10, 100)]
     for mult, k in plan:
         out = tmp / f"scale-{mult}x-k{k}.h5"
         r = run_cli_rss([str(lists[mult]), "--out", str(out), "-k", str(k), *common])
@@ -541,9 +545,9 @@ def report(ctx: dict) -> str:
         L += [
             "## 3. Scaling (separate `python -m patchmine mine` processes)",
             "",
-            f"{s['model']}, a file list repeating the first {n0} corpus images 1x, 2x, 10x (the",
-            "duplicates tie and the first copy wins; see the notes for k > 1). Peak RSS from",
-            "`os.wait4` of each child (the larger of the main process and its DataLoader workers).",
+            f"{s['model']}, a file list repeating the first {n0} corpus images 1x, 2x, 10x, 30x (the",
+            "duplicates tie and the first copy wins; see the notes for k > 1). Peak RSS: the",
+            "mining process's VmHWM (its DataLoader workers share most of its pages).",
             "Marginal first-pass cost per image = (first pass at 10x - at 1x) / (9 x n).",
             "",
             "| corpus | k | images | wall s | first pass s | second pass s | write s | "
@@ -575,6 +579,12 @@ def report(ctx: dict) -> str:
             rss = runs[(10, 9)]["rss_mib"] / runs[(1, 9)]["rss_mib"]
             targets.append(
                 (f"peak RSS 10x / 1x <= {TARGETS['rss']}", f"{rss:.3f}", rss <= TARGETS["rss"])
+            )
+        if (10, 9) in runs and (30, 9) in runs:
+            rss = runs[(30, 9)]["rss_mib"] / runs[(10, 9)]["rss_mib"]
+            targets.append(
+                (f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)", f"{rss:.3f}",
+                 rss <= TARGETS["rss"])
             )
         if (2, 9) in runs and (10, 9) in runs and (1, 9) in runs:
             m12 = (runs[(2, 9)]["first_s"] - runs[(1, 9)]["first_s"]) / n0
@@ -671,8 +681,13 @@ def main(argv=None) -> int:
             "k = 100 can only cost as little as k = 9 once n >> k.",
             "On CPU, `patchmine.maps.reduce_maps` reads each batch's activations once on all "
             "intra-op threads (split over maps, so every number stays a function of its map) "
-            "for both collectors; their small ops then run on one thread, and RunningStats "
-            "counts its buffered batches every ~2M values.",
+            "for both collectors; RunningStats's small ops run on one thread, and it counts its "
+            "buffered batches every ~2M values.",
+            "Peak RSS: the 1x run (100 images, two batches, the second one partial) peaks before "
+            "the allocator has settled; the peak then grows over the first ~10 batches and stays "
+            "flat from 10x to 30x. Before 2026-11-29 this benchmark read wait4's ru_maxrss, which "
+            "Linux fills with the pre-exec size of the forked child, i.e. the benchmark's own "
+            "(a flat ~2.4 GB that hid this).",
         ],
     }
     corpus = discover([corpus_dir])
