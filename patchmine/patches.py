@@ -153,20 +153,9 @@ def second_pass(
         workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
-    for batch in loader:
-        if should_stop():
-            raise KeyboardInterrupt
-        bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
-        if bad:
-            raise ScoreMismatch(
-                f"winner image {corpus.file(bad[0])} can no longer be read "
-                f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
-            )
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        acts = tap(pixels)
-        index = batch["index"].numpy()
-        pixels_cpu = batch["pixels"]
+
+    def fill_batch(acts: dict[str, torch.Tensor], index: np.ndarray, pixels_cpu: torch.Tensor):
+        # a function, so that no name holds the activations into the next batch's forward
         for p in plans:
             img_sorted, entry = owners[p.name]
             lo = np.searchsorted(img_sorted, index[0], side="left")
@@ -198,6 +187,19 @@ def second_pass(
                 part = slice(lo, lo + _CHUNK)
                 cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
                 patch[ch[part], slot[part]] = cut.numpy()
+
+    bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
+    for batch in loader:
+        if should_stop():
+            raise KeyboardInterrupt
+        bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
+        if bad:
+            raise ScoreMismatch(
+                f"winner image {corpus.file(bad[0])} can no longer be read "
+                f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
+            )
+        index = batch["index"].numpy()
+        fill_batch(tap(batch["pixels"].to(device, non_blocking=True)), index, batch["pixels"])
         bar.update(len(index))
     bar.close()
     return out
