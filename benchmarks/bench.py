@@ -234,7 +234,7 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
                     rs[n].add(acts[n], maps[n])
                 t4 = time.perf_counter()
                 for n in layers:
-                    reduce_maps(acts[n], full=False)
+                    reduce_maps(acts[n])
                 t5 = time.perf_counter()
                 parts = (t1 - t0, t2 - t1, t5 - t4, t3 - t2, t4 - t3)
                 for v, dt in zip(("fwd", "reduce", "max", "topk", "stats"), parts, strict=True):
@@ -489,9 +489,10 @@ def report(ctx: dict) -> str:
             "back, in alternating order; median of the per-batch ratios (min-max). Collectors",
             "primed with every batch first, so the timed runs show the steady state of a long run.",
             "*parts*: forward (median) / (forward + the mean per-batch times of `reduce_maps`,",
-            "`TopK.add` and `RunningStats.add`, timed apart); *top-k alone*: the same with only",
-            "the maxima reduced and `TopK.add`, i.e. the top-k collector with locations and",
-            "without the statistics; heapq and bare amax+topk (no locations) are reference",
+            "`TopK.add` and `RunningStats.add`, timed apart); *top-k alone*: the same with",
+            "`reduce_maps` as TopK runs it alone (no histogram samples) and `TopK.add`, i.e. the",
+            "top-k collector with locations and without the statistics; heapq and bare",
+            "amax+topk (no locations) are reference",
             "collectors timed on the same activations.",
             "",
             "| model | batch x batches x runs | forward s/batch | reduce_maps s | TopK s "
@@ -686,10 +687,11 @@ def main(argv=None) -> int:
             "k = 100 on 100-1000 images: k is close to the number of images seen, so most maps "
             "still enter the top-k (the cold phase, where every entry is located and merged); "
             "k = 100 can only cost as little as k = 9 once n >> k.",
-            "On CPU, `patchmine.maps.reduce_maps` reads each batch's activations once on all "
-            "intra-op threads (split over maps, so every number stays a function of its map) "
-            "for both collectors; RunningStats's small ops run on one thread, and it counts its "
-            "buffered batches every ~2M values.",
+            "On CPU, `patchmine.maps.reduce_maps` takes every map's max, sum and sum of squares "
+            "(and the histogram's samples) for both collectors in one read of the batch: a numba "
+            "loop, one thread per map, so every number stays a function of its map (three torch "
+            "reductions, even chunked to stay in cache, cost about twice as much). RunningStats's "
+            "small ops run on one thread, and it counts its buffered batches every ~2M values.",
             "Peak RSS: the 1x run (100 images, two batches, the second one partial) peaks before "
             "the allocator has settled; the peak then grows over the first ~10 batches and stays "
             "flat from 10x to 30x. Before 2026-11-29 this benchmark read wait4's ru_maxrss, which "

@@ -28,9 +28,11 @@ histogram costs no extra read of the activations.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from patchmine.maps import Maps, lattice, one_thread, reduce_maps
+from patchmine.maps import Maps, lattice, reduce_maps
 
 __all__ = ["RunningStats"]
 
@@ -75,6 +77,26 @@ def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     pos_lo, pos_hi = torch.cat([lo, top]), torch.cat([hi, top])
     return (torch.cat([-pos_hi.flip(0), zero, pos_lo]),
             torch.cat([-pos_lo.flip(0), zero, pos_hi]))
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run the enclosed CPU ops on the calling thread only (elsewhere: no effect).
+
+    For the many small ops of `RunningStats.add`: spread over intra-op threads, each op ends at a
+    barrier, and on a busy machine a barrier waits out a scheduler time slice for a preempted
+    thread. One thread also keeps the sums of a lone map (which torch would split) independent
+    of the thread count.
+    """
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class RunningStats:
@@ -137,7 +159,7 @@ class RunningStats:
             return
         if not self._sync_free and (maps is None or maps.sum is None):
             maps = reduce_maps(acts, sample=self.sample)
-        with one_thread(self.device):
+        with _one_thread(self.device):
             self._add(acts, maps)
 
     def _add(self, acts: torch.Tensor, maps: Maps | None) -> None:
@@ -150,23 +172,23 @@ class RunningStats:
             nan = torch.isnan(x)
             count = (H * W) - nan.sum(2)
             xz = x.masked_fill(nan, 0.0)
-            rsum, rnorm = xz.sum(2), torch.linalg.vector_norm(xz, dim=2)
+            rsum, rsumsq = xz.sum(2), xz.square().sum(2)
             rmax = x.masked_fill(nan, float("-inf")).amax(2)
             has_nan = True
         else:
-            rmax, rsum, rnorm, has_nan = maps.max, maps.sum, maps.norm, maps.nan
+            rmax, rsum, rsumsq, has_nan = maps.max, maps.sum, maps.sumsq, maps.nan
             if has_nan:  # rare: redo the maps that hold a NaN without it
-                rmax, rsum, rnorm = rmax.clone(), rsum.clone(), rnorm.clone()
+                rmax, rsum, rsumsq = rmax.clone(), rsum.clone(), rsumsq.clone()
                 n_i, c_i = torch.isnan(rmax).nonzero(as_tuple=True)
                 rows = x[n_i, c_i]
                 nan = torch.isnan(rows)
                 zero = rows.masked_fill(nan, 0.0)
                 rsum[n_i, c_i] = zero.sum(1)
-                rnorm[n_i, c_i] = torch.linalg.vector_norm(zero, dim=1)
+                rsumsq[n_i, c_i] = zero.square().sum(1)
                 rmax[n_i, c_i] = rows.masked_fill(nan, float("-inf")).amax(1)
                 count = torch.full((N, C), H * W, dtype=torch.int64, device=self.device)
                 count[n_i, c_i] -= nan.sum(1)
-        self._pending_maps.append((rsum, rnorm, rmax, count))
+        self._pending_maps.append((rsum, rsumsq, rmax, count))
         lat = lattice(H, W, self.sample)
         if maps is not None and maps.grid is not None and maps.lattice == lat:
             grid = maps.grid
@@ -187,9 +209,9 @@ class RunningStats:
         the histogram (MBs) read while it stays in cache, not once per batch after the
         activations have evicted it."""
         if self._pending_maps:
-            rsum, rnorm, rmax, count = zip(*self._pending_maps, strict=True)
+            rsum, rsumsq, rmax, count = zip(*self._pending_maps, strict=True)
             self._sum += torch.cat(rsum).double().sum(0)
-            self._sumsq += torch.cat(rnorm).double().square().sum(0)
+            self._sumsq += torch.cat(rsumsq).double().sum(0)
             self._max = torch.maximum(self._max, torch.cat(rmax).amax(0).float())
             for c in count:
                 self._count += c if isinstance(c, int) else c.sum(0)

@@ -183,7 +183,7 @@ class TopK:
                       N: int, maps: Maps | None) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        maps = maps if maps is not None else reduce_maps(given, full=False)
+        maps = maps if maps is not None else reduce_maps(given)
         m, has_nan = maps.max, maps.nan
         if has_nan:  # rare
             m = m.clone()

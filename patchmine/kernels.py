@@ -1,0 +1,62 @@
+"""Compiled loops for what no torch op does in one read (numba; imported on first use).
+
+Public names: `reduce_rows`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+
+__all__ = ["reduce_rows"]
+
+_lock = threading.Lock()  # numba's default threading layer runs one parallel loop at a time
+
+
+def _rows(x, bits, offset, step, key, total, sumsq, grid):
+    for r in numba.prange(x.shape[0]):
+        row, b = x[r], bits[r]
+        m = np.int32(-(2**31))
+        s = np.float32(0.0)
+        q = np.float32(0.0)
+        for i in range(x.shape[1]):
+            v = row[i]
+            k = b[i] ^ ((b[i] >> 31) & np.int32(0x7FFFFFFF))
+            m = k if k > m else m
+            s += v
+            q += v * v
+        key[r], total[r], sumsq[r] = m, s, q
+        for j in range(grid.shape[1]):
+            grid[r, j] = row[offset + j * step]
+
+
+_OPTIONS = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
+try:
+    _compiled = numba.njit(cache=True, **_OPTIONS)(_rows)
+except RuntimeError:  # nowhere to keep the compiled code: compile it in every process
+    _compiled = numba.njit(**_OPTIONS)(_rows)
+
+
+def reduce_rows(
+    x: np.ndarray,
+    offset: int,
+    step: int,
+    key: np.ndarray,
+    total: np.ndarray,
+    sumsq: np.ndarray,
+    grid: np.ndarray,
+    threads: int,
+) -> None:
+    """Reduce each row of ``x`` (R, L) float32 C-contiguous into the (R,) and (R, S) outputs.
+
+    ``key``: the row's max as an int32 that orders like the float (``bits ^ ((bits >> 31) &
+    0x7FFFFFFF)``, its own inverse; an integer max vectorizes, a float max with NaN semantics
+    does not); ``total``, ``sumsq``: float32 sum and sum of squares; ``grid[r, j] = x[r, offset +
+    j * step]``. Each row is reduced start to end by one of ``threads`` threads, in an order set
+    by L alone, so every number is a function of its row.
+    """
+    with _lock:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _compiled(x, x.view(np.int32), offset, step, key, total, sumsq, grid)
