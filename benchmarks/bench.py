@@ -575,11 +575,11 @@ def report(ctx: dict) -> str:
             return (b["first_s"] - a["first_s"]) / (9 * n0) if a and b else float("nan")
 
         L += ["| k | marginal first pass ms/image | per image at 1x | per image at 2x | "
-              "per image at 10x |", "|---|---|---|---|---|"]  # fmt: skip
+              "per image at 10x | per image at 30x |", "|---|---|---|---|---|---|"]  # fmt: skip
         for k in (1, 9, 100):
             per = [
                 f"{1000 * runs[(mu, k)]['first_s'] / (n0 * mu):.1f}" if (mu, k) in runs else "-"
-                for mu in (1, 2, 10)
+                for mu in (1, 2, 10, 30)
             ]
             L.append(f"| {k} | {1000 * marginal(k):.1f} | " + " | ".join(per) + " |")
         L.append("")
@@ -594,15 +594,18 @@ def report(ctx: dict) -> str:
                 (f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)", f"{rss:.3f}",
                  rss <= TARGETS["rss"])
             )
-        if (2, 9) in runs and (10, 9) in runs and (1, 9) in runs:
-            m12 = (runs[(2, 9)]["first_s"] - runs[(1, 9)]["first_s"]) / n0
-            m210 = (runs[(10, 9)]["first_s"] - runs[(2, 9)]["first_s"]) / (8 * n0)
-            lin = m210 / m12 if m12 > 0 else float("nan")
+        if (30, 9) in runs and (10, 9) in runs and (1, 9) in runs:
+            # spans of 900 and 2000 images: a 1x -> 2x step (100 images, ~1 s) is mostly noise
+            # and warm-up (the first batches locate far more top-k entries)
+            m1_10 = (runs[(10, 9)]["first_s"] - runs[(1, 9)]["first_s"]) / (9 * n0)
+            m10_30 = (runs[(30, 9)]["first_s"] - runs[(10, 9)]["first_s"]) / (20 * n0)
+            lin = m10_30 / m1_10 if m1_10 > 0 else float("nan")
             targets.append(
                 (
-                    "time linear in corpus size (marginal/image 2x->10x over 1x->2x, ~1.0)",
-                    f"{lin:.2f}",
-                    0.8 <= lin <= 1.2,
+                    "time linear in corpus size (first-pass ms/image 10x->30x over 1x->10x, "
+                    "0.9-1.1)",
+                    f"{lin:.3f}",
+                    0.9 <= lin <= 1.1,
                 )
             )
         k9, k100 = marginal(9), marginal(100)
@@ -692,11 +695,13 @@ def main(argv=None) -> int:
             "loop, one thread per map, so every number stays a function of its map (three torch "
             "reductions, even chunked to stay in cache, cost about twice as much). RunningStats's "
             "small ops run on one thread, and it counts its buffered batches every ~2M values.",
-            "Peak RSS: the 1x run (100 images, two batches, the second one partial) peaks before "
-            "the allocator has settled; the peak then grows over the first ~10 batches and stays "
-            "flat from 10x to 30x. Before 2026-11-29 this benchmark read wait4's ru_maxrss, which "
-            "Linux fills with the pre-exec size of the forked child, i.e. the benchmark's own "
-            "(a flat ~2.4 GB that hid this).",
+            "Peak RSS: both passes free a batch's activations before the next forward (until "
+            "2026-11-30 a name held the previous batch's through it, and 10x/1x was 1.12). The "
+            "peak falls in the second pass, where the memory-mapped patch scratch files (~0.3 GB "
+            "for these layers at k = 9, the same at every corpus size) count as the process's "
+            "file pages. Before 2026-11-29 this benchmark read wait4's ru_maxrss, which Linux "
+            "fills with the pre-exec size of the forked child, i.e. the benchmark's own (a flat "
+            "~2.4 GB that hid the growth).",
         ],
     }
     corpus = discover([corpus_dir])

@@ -1,6 +1,6 @@
 """Compiled loops for what no torch op does in one read (numba; imported on first use).
 
-Public names: `reduce_rows`.
+Public names: `reduce_rows`, `first_max`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["reduce_rows"]
+__all__ = ["reduce_rows", "first_max"]
 
 _lock = threading.Lock()  # numba's default threading layer runs one parallel loop at a time
 
@@ -32,11 +32,37 @@ def _rows(x, bits, offset, step, key, total, sumsq, grid):
             grid[r, j] = row[offset + j * step]
 
 
-_OPTIONS = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
-try:
-    _compiled = numba.njit(cache=True, **_OPTIONS)(_rows)
-except RuntimeError:  # nowhere to keep the compiled code: compile it in every process
-    _compiled = numba.njit(**_OPTIONS)(_rows)
+def _first(x, rows, target, loc, score):
+    L = x.shape[1]
+    for j in numba.prange(rows.shape[0]):
+        row = x[rows[j]]
+        t = target[j]
+        i = 0
+        while i < L and row[i] != t:
+            i += 1
+        if i == L:  # t is not in the row: its first max instead
+            i = 0
+            for p in range(1, L):
+                if row[p] > row[i]:
+                    i = p
+        loc[j] = i
+        score[j] = row[i]
+
+
+def _compile(fn, **options):
+    options = dict(parallel=True, nogil=True, boundscheck=False, **options)
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # nowhere to keep the compiled code: compile it in every process
+        return numba.njit(**options)(fn)
+
+
+_compiled = _compile(_rows, fastmath={"reassoc", "contract"})
+_compiled_first = _compile(_first)
+
+
+def _threads(n: int) -> None:
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def reduce_rows(
@@ -58,5 +84,23 @@ def reduce_rows(
     by L alone, so every number is a function of its row.
     """
     with _lock:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _threads(threads)
         _compiled(x, x.view(np.int32), offset, step, key, total, sumsq, grid)
+
+
+def first_max(
+    x: np.ndarray,
+    rows: np.ndarray,
+    target: np.ndarray,
+    loc: np.ndarray,
+    score: np.ndarray,
+    threads: int,
+) -> None:
+    """For each j, the first location of ``x[rows[j]]`` holding ``target[j]`` (its max) into
+    ``loc[j]``, and that value into ``score[j]``; the first max where the row lacks ``target``.
+
+    Reads each row up to its max, once, instead of `torch.argmax` over a gathered copy.
+    """
+    with _lock:
+        _threads(threads)
+        _compiled_first(x, rows, target, loc, score)

@@ -1,6 +1,6 @@
 """One read of a batch's activation maps, shared by the collectors.
 
-Public names: `Maps`, `reduce_maps`, `lattice`.
+Public names: `Maps`, `reduce_maps`, `lattice`, `locate`.
 
 TopK needs the max of every (image, channel) map and RunningStats its sum, sum of squares and a few
 sampled values. On CPU the activations of a batch are far larger than the caches, so reading them
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Maps", "reduce_maps", "lattice"]
+__all__ = ["Maps", "reduce_maps", "lattice", "locate"]
 
 
 class Maps(NamedTuple):
@@ -82,3 +82,21 @@ def reduce_maps(acts: torch.Tensor, sample: int | None = None) -> Maps:
     if has_nan:
         top.masked_fill_(nan, float("nan"))
     return Maps(top, total, sumsq, grid if lat is not None else None, lat, has_nan)
+
+
+def locate(x: torch.Tensor, rows: torch.Tensor, target: torch.Tensor):
+    """(location, value) of the first max of each map ``x[rows]``; ``x`` (R, L) on CPU.
+
+    ``target`` holds those maps' maxima (``Maps.max``; for a map with NaNs, the max of the rest),
+    so each map is read only up to its max, in place: the location `torch.argmax` gives, without
+    the full read and the gathered copy. Returns int64 and float32 tensors of ``rows``' shape.
+    """
+    from patchmine.kernels import first_max
+
+    loc = torch.empty(rows.shape, dtype=torch.int64)
+    value = torch.empty(rows.shape)
+    if rows.numel():
+        x = x.detach().float().contiguous()
+        first_max(x.numpy(), rows.contiguous().numpy(), target.float().contiguous().numpy(),
+                  loc.numpy(), value.numpy(), threads=torch.get_num_threads())
+    return loc, value

@@ -14,8 +14,8 @@ Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`
 hot path takes each (image, channel) map's max (`patchmine.maps.reduce_maps`: one read of the
 activations, shared with `patchmine.stats.RunningStats`), drops the maps that cannot beat their
 channel's current k-th entry (one comparison on the (N, C) maxima; while the state fills up, also
-those below their channel's k-th best in the batch), and takes the argmax only of the few maps
-that survive. Survivors are buffered and merged into the (C, k) state with three stable sorts over
+those below their channel's k-th best in the batch), and locates the max of only the few maps
+that survive (`patchmine.maps.locate`: each read up to its max, in place). Survivors are buffered and merged into the (C, k) state with three stable sorts over
 the flat buffer, which resolve ties exactly (``torch.topk`` gives a threshold value at most, it
 never picks among tied entries). On other devices the same state and
 merge run without host synchronization: NaNs are replaced in a temporary copy, every map yields its
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from patchmine.maps import Maps, reduce_maps
+from patchmine.maps import Maps, locate, reduce_maps
 
 __all__ = ["TopK"]
 
@@ -204,17 +204,8 @@ class TopK:
             return
         chan = rows % C
         base = img_l[rows // C]
-        if self.per_image == 1 and 4 * rows.numel() >= x.shape[0]:
-            # most maps enter (the first batches of a run): locate in place, no copy of the rows
-            w = x.nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF) if has_nan else x
-            loc = w.argmax(1)[rows]
-            self._push(chan, w[rows, loc].float(), base + loc)
-        elif self.per_image == 1:
-            sub = x[rows]
-            if has_nan:
-                sub = sub.nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
-            loc = sub.argmax(1)
-            score = sub.gather(1, loc[:, None]).squeeze(1).float()
+        if self.per_image == 1:
+            loc, score = locate(x, rows, m.view(-1)[rows])
             self._push(chan, score, base + loc)
         else:
             self._push_nms(x[rows], chan, base)

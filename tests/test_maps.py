@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from patchmine.maps import lattice, reduce_maps
+from patchmine.maps import lattice, locate, reduce_maps
 
 
 def assert_same(a, b):
@@ -89,3 +89,26 @@ def test_nan_and_low_precision_inputs():
 def test_empty_batch():
     m = reduce_maps(torch.empty(0, 3, 4, 4), sample=2)
     assert m.max.shape == m.sum.shape == (0, 3) and m.grid.shape[:2] == (0, 3) and not m.nan
+
+
+def test_locate_gives_torch_argmax():
+    """The first max of each selected map, as torch.argmax gives it: ties, zeros, NaNs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (500, 37), generator=g).float()  # many tied maxima
+    x[7] = 0.0
+    x[7, 5], x[7, 9] = -0.0, 0.0
+    x[11, 3] = float("nan")  # the max of the rest is found; NaN is skipped
+    x[12] = float("-inf")
+    rows = torch.tensor([0, 7, 11, 12, 499, 3, 3])
+    m = reduce_maps(x[:, None, :]).max.view(-1)
+    w = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    target = w.amax(1)[rows]
+    assert torch.equal(m[rows][[0, 1, 3, 4, 5, 6]], target[[0, 1, 3, 4, 5, 6]])
+    loc, value = locate(x, rows, target)
+    assert torch.equal(loc, w[rows].argmax(1)) and torch.equal(value, target)
+    # a target the map does not hold: its first max all the same
+    loc, value = locate(x, rows[:1], torch.tensor([99.0]))
+    assert loc.item() == x[0].argmax().item() and value.item() == x[0].max().item()
+    loc, value = locate(x.half(), rows, target)
+    assert torch.equal(loc, w[rows].argmax(1)) and value.dtype == torch.float32
+    assert locate(x, rows[:0], target[:0])[0].shape == (0,)
