@@ -157,7 +157,7 @@ class RunningStats:
         N, C = acts.shape[:2]
         if N == 0:
             return
-        if not self._sync_free and (maps is None or maps.sum is None):
+        if not self._sync_free and maps is None:
             maps = reduce_maps(acts, sample=self.sample)
         with _one_thread(self.device):
             self._add(acts, maps)

@@ -14,12 +14,13 @@ Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`
 hot path takes each (image, channel) map's max (`patchmine.maps.reduce_maps`: one read of the
 activations, shared with `patchmine.stats.RunningStats`), drops the maps that cannot beat their
 channel's current k-th entry (one comparison on the (N, C) maxima; while the state fills up, also
-those below their channel's k-th best in the batch), and locates the max of only the few maps
-that survive (`patchmine.maps.locate`: each read up to its max, in place). Survivors are buffered and merged into the (C, k) state with three stable sorts over
-the flat buffer, which resolve ties exactly (``torch.topk`` gives a threshold value at most, it
-never picks among tied entries). On other devices the same state and
-merge run without host synchronization: NaNs are replaced in a temporary copy, every map yields its
-candidates, and the buffer is merged when full. The state is C * k entries plus a bounded buffer.
+those below their channel's k-th best in the batch), and locates the max of only the few maps that
+survive (`patchmine.maps.locate`: each read up to its known max, in place). Survivors are buffered
+and merged into the (C, k) state with three stable sorts over the flat buffer, which resolve ties
+exactly (``torch.topk`` gives a threshold value at most, it never picks among tied entries). On
+other devices the same state and merge run without host synchronization: NaNs are replaced in a
+temporary copy, every map yields its candidates, and the buffer is merged when full. The state is
+C * k entries plus a bounded buffer.
 """
 
 from __future__ import annotations
