@@ -1,5 +1,9 @@
 """reduce_maps: every number is a function of its own map, whatever the batch or thread count."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -112,3 +116,33 @@ def test_locate_gives_torch_argmax():
     loc, value = locate(x.half(), rows, target)
     assert torch.equal(loc, w[rows].argmax(1)) and value.dtype == torch.float32
     assert locate(x, rows[:0], target[:0])[0].shape == (0,)
+
+
+def test_serial_parallel_and_workqueue_loops_agree(tmp_path):
+    """The parallel loop on one or two threads, and the serial one that numba's workqueue layer
+    (no OpenMP on the system) gets: every number is the same bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(6, 9, 13, 17, generator=g) * 3
+    torch.save(acts, tmp_path / "acts.pt")
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            runs.append(reduce_maps(acts, sample=4))
+        finally:
+            torch.set_num_threads(before)
+    assert_same(*runs)
+    code = (
+        "import sys, torch\n"
+        "from patchmine.maps import reduce_maps\n"
+        "m = reduce_maps(torch.load(sys.argv[1]), sample=4)\n"
+        "torch.save(tuple(m[:4]), sys.argv[2])\n"
+        "from patchmine.kernels import _pool_is_fast\n"
+        "assert not _pool_is_fast()\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "acts.pt"), str(tmp_path / "m.pt")],
+                   check=True, env=env)
+    for got, want in zip(torch.load(tmp_path / "m.pt"), runs[0][:4], strict=True):
+        assert torch.equal(got, want)
