@@ -6,6 +6,7 @@ Public names: `reduce_rows`, `first_max`.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numba
@@ -88,15 +89,26 @@ def _run(name: str, threads: int, *args) -> None:
 
 @functools.cache
 def _pool_is_fast() -> bool:
-    """Whether numba's threading layer is an OpenMP or TBB pool.
+    """Whether numba's threading layer is an OpenMP or TBB pool (the layer loads here).
 
     Without either (e.g. no libgomp on the system), numba falls back to its "workqueue" layer,
     which hands every loop to its own threads, even with one: after a torch forward it measured
-    slower (9 ms per AlexNet batch) than the calling thread alone (6 ms; OpenMP: 4 ms). The layer
-    is chosen at the first parallel launch.
+    slower (9 ms per AlexNet batch) than the calling thread alone (6 ms; OpenMP: 4 ms).
+
+    numba's OpenMP layer loads the system libgomp, a runtime apart from torch's, and it reads
+    OMP_WAIT_POLICY as it loads. Unless the user set it, it loads passive: its threads sleep
+    after each loop instead of spinning through the next forward (first pass 0.97 -> 0.98 of
+    the forward alone). The variable is restored at once; torch's runtime keeps its setting.
     """
     one = np.zeros((1, 1), np.float32)
-    _parallel["first"](one, np.zeros(1, np.int64), one[0], np.empty(1, np.int64), one[0].copy())
+    ours = "OMP_WAIT_POLICY" not in os.environ
+    if ours:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        _parallel["first"](one, np.zeros(1, np.int64), one[0], np.empty(1, np.int64), one[0].copy())
+    finally:
+        if ours:
+            del os.environ["OMP_WAIT_POLICY"]
     return numba.threading_layer() != "workqueue"
 
 

@@ -146,3 +146,20 @@ def test_serial_parallel_and_workqueue_loops_agree(tmp_path):
                    check=True, env=env)
     for got, want in zip(torch.load(tmp_path / "m.pt"), runs[0][:4], strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_loading_the_loops_leaves_the_environment_as_it_was(policy):
+    """numba's OpenMP pool loads passive unless the user chose; the environment is unchanged."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    code = (
+        "import os, torch\n"
+        "from patchmine.maps import reduce_maps\n"
+        "reduce_maps(torch.ones(2, 3, 4, 4))\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert out == str(policy)
