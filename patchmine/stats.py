@@ -5,9 +5,9 @@ Public names: `RunningStats`.
 count, mean, std (population, ddof=0) and max cover every location of every image. Sums are per
 (image, channel) map in float32 (a function of the image alone), accumulated over images in
 float64 (batches are buffered and added every ~2M values), so the float32 results do not depend on
-batching, order or sharding in practice. std comes
-from E[x^2] - E[x]^2 and so loses relative accuracy on channels whose std is below ~1e-3 of their
-mean. NaN activations are skipped (not counted, enter no statistic).
+batching, order or sharding in practice. std comes from E[x^2] - E[x]^2 and so loses relative
+accuracy on channels whose std is below ~1e-3 of their mean. NaN activations are skipped (not
+counted, enter no statistic).
 
 Quantiles come from a fixed-bin histogram with int64 counts (exactly mergeable). Bins follow the
 float32 bit pattern: 32 bins per octave for 2^-14 <= |v| < 2^17, uniform in value inside an octave,
@@ -136,7 +136,7 @@ class RunningStats:
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
         self._table = _slot_table().to(dev)
         self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
-        # batches not yet counted: (sum, norm, max, count) per map, and histogram slot indices
+        # batches not yet counted: (sum, sum of squares, max, count) per map, and histogram slots
         self._pending_maps: list[tuple] = []
         self._pending_slots: list[torch.Tensor] = []
         self._npending = 0
