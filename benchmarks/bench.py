@@ -591,11 +591,8 @@ def report(ctx: dict) -> str:
         if (10, 9) in runs and (30, 9) in runs:
             rss = runs[(30, 9)]["rss_mib"] / runs[(10, 9)]["rss_mib"]
             targets.append(
-                (
-                    f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)",
-                    f"{rss:.3f}",
-                    rss <= TARGETS["rss"],
-                )
+                (f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)", f"{rss:.3f}",
+                 rss <= TARGETS["rss"])
             )
         if (30, 9) in runs and (10, 9) in runs and (1, 9) in runs:
             # spans of 900 and 2000 images: a 1x -> 2x step (100 images, ~1 s) is mostly noise
