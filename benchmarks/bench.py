@@ -438,7 +438,7 @@ def bench_scaling(corpus_dir: Path, key: str, n0: int, batch: int, workers: int,
 
 # ------------------------------------------------------------------------------- 4. rendering
 def bench_render(h5: Path, tmp: Path) -> list[tuple[str, int, float]]:
-    from patchmine import render
+    from patchmine.gallery import render
     from patchmine.store import open_result
 
     with open_result(h5) as r:
@@ -446,7 +446,7 @@ def bench_render(h5: Path, tmp: Path) -> list[tuple[str, int, float]]:
     rows = []
     for n, c in layers:
         t0 = time.perf_counter()
-        render.render(h5, tmp / "gallery", layers=[n], progress=False)
+        render(h5, tmp / "gallery", layers=[n], progress=False)
         rows.append((n, c, time.perf_counter() - t0))
         log(f"  render {n}: {rows[-1][2]:.1f}s for {c} channels")
     return rows
@@ -627,7 +627,7 @@ def report(ctx: dict) -> str:
             f"{e['first_s']:.1f}s, second pass {e['second_s']:.1f}s over {e['winners']} winner "
             f"images, write {e['write_s']:.1f}s, whole run {e['total_s']:.1f}s (second pass + "
             f"write = {(e['second_s'] + e['write_s']) / e['total_s']:.0%}; the share shrinks "
-            "with the corpus, see section 3). `patchmine.render.render` per layer (montages, context "
+            "with the corpus, see section 3). `patchmine.gallery.render` per layer (montages, context "
             "views, pages, overview), every channel:",
             "",
             "| layer | channels | render s | ms/channel |",

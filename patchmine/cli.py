@@ -8,18 +8,56 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from patchmine.errors import UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "parse_channels"]
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_channels(
+    spec: str | Iterable[int] | None, channels: int | None = None
+) -> list[int] | None:
+    """``"0,5,9-20"`` -> [0, 5, 9, ..., 20] (sorted, unique); ``None`` -> None (all).
+
+    Raises:
+        UsageError: malformed ranges, or a channel >= ``channels`` when given.
+    """
+    if spec is None:
+        return None
+    out: set[int] = set()
+    if isinstance(spec, str):
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
+            if not m:
+                raise UsageError(f"bad channel list item {part!r}; use e.g. 0,5,9-20")
+            a = int(m.group(1))
+            b = int(m.group(2)) if m.group(2) is not None else a
+            if b < a:
+                raise UsageError(f"bad channel range {part!r}: end before start")
+            out.update(range(a, b + 1))
+    else:
+        for v in spec:
+            if int(v) < 0:
+                raise UsageError(f"channel numbers are 0 or more, got {v}")
+            out.add(int(v))
+    if not out:
+        raise UsageError("empty channel list")
+    if channels is not None and max(out) >= channels:
+        raise UsageError(
+            f"channel {max(out)} out of range: the layer has channels 0..{channels - 1}"
+        )
+    return sorted(out)
 
 
 def _at_least(minimum: int):
@@ -184,7 +222,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from patchmine.render import parse_channels, render
+    from patchmine.gallery import render
 
     channels = parse_channels(args.channels) if args.channels else None
     index = render(args.file, args.out, layers=args.layers, channels=channels,

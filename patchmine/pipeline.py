@@ -109,7 +109,8 @@ class Pipeline:
     """A validated pipeline file, every path resolved.
 
     ``mine`` holds keyword arguments of :func:`patchmine.mine.mine` and ``render`` those of
-    :func:`patchmine.render.render` (without their positional paths).
+    :func:`patchmine.gallery.render` (without their positional paths; ``channels`` as written,
+    a string such as "0-63" or a list).
     """
 
     path: Path
@@ -162,7 +163,7 @@ def _check(where: str, key: str, kind: str, value):
             raise bad(f"a whole number >= {low}")
         return value
     if kind == "channels":
-        from patchmine.render import parse_channels
+        from patchmine.cli import parse_channels
 
         if not isinstance(value, (str, list)) or (
             isinstance(value, list) and not all(type(v) is int for v in value)
@@ -396,9 +397,10 @@ def run_pipeline(
     Raises:
         UsageError: a bad pipeline file, a failing recipe, or any usage error of mine / render.
     """
+    from patchmine.cli import parse_channels
     from patchmine.corpus import discover
+    from patchmine.gallery import render
     from patchmine.mine import mine
-    from patchmine.render import render
 
     p = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     done: dict[str, str | None] = {}
@@ -459,6 +461,7 @@ def run_pipeline(
         return done
     index = p.gallery / "index.html"
     if step("render", "--force" if force else _why_render(p), _show(index)):
-        render(p.result, p.gallery, **p.render, progress=progress)
+        options = {**p.render, "channels": parse_channels(p.render.get("channels"))}
+        render(p.result, p.gallery, **options, progress=progress)
         (p.gallery / RENDER_MARKER).write_text(json.dumps(_render_settings(p), sort_keys=True))
     return done

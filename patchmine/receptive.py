@@ -1,6 +1,7 @@
 """Receptive fields of a network's nodes, and the geometry of boxes.
 
-Public names: Field, boxes, to_original, to_input, receptive_fields.
+Public names: Field, boxes, centers, locations, pixel_centers, to_original, to_input,
+receptive_fields.
 
 Geometry lives here and nowhere else. ``receptive_fields`` traces a model the way torchvision's
 feature extraction does (same FX node names as ``get_graph_node_names``), runs it once on a zero
@@ -37,7 +38,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,7 +51,16 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer, NodePat
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
 
-__all__ = ["Field", "boxes", "to_original", "to_input", "receptive_fields"]
+__all__ = [
+    "Field",
+    "boxes",
+    "centers",
+    "locations",
+    "pixel_centers",
+    "to_original",
+    "to_input",
+    "receptive_fields",
+]
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,17 @@ class Field:
         x0 = int(x) * self.stride[1] + self.offset[1]
         return (y0, x0, y0 + self.size[0], x0 + self.size[1])
 
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> Field:
+        """The field a result file records in a layer's attributes (``rf_size``, ``rf_stride``,
+        ``rf_offset``, ``rf_whole``; a scalar stands for both axes)."""
+        return cls(
+            size=_pair(attrs.get("rf_size", 1)),
+            stride=_pair(attrs.get("rf_stride", 1)),
+            offset=_pair(attrs.get("rf_offset", 0)),
+            whole=bool(attrs.get("rf_whole", False)),
+        )
+
 
 def _numpy(a: Any) -> np.ndarray:
     if isinstance(a, torch.Tensor):
@@ -113,6 +134,70 @@ def boxes(field: Field, yx: Any) -> np.ndarray:
     return np.concatenate([start, start + np.asarray(field.size, np.int64)], -1).astype(np.int32)
 
 
+def _yx(a: Any, name: str) -> np.ndarray:
+    a = _numpy(a).astype(np.float64)
+    if a.shape[-1:] != (2,):
+        raise ValueError(f"{name} must have shape (..., 2), got {a.shape}")
+    return a
+
+
+def centers(field: Field, yx: Any) -> np.ndarray:
+    """The center of each unit's box, in model-input pixel coordinates.
+
+    Pixel ``i`` is centered at ``i``, so a box ``[y0, y1)`` is centered at ``(y0 + y1 - 1) / 2``,
+    which is ``y*stride + offset + (size - 1)/2`` for unit ``y``.
+
+    Args:
+        field: the node's receptive field.
+        yx: ``(..., 2)`` feature-map locations, whole or fractional.
+
+    Returns:
+        ``(..., 2)`` float64 centers ``(cy, cx)``; for a whole-input field, the input's center.
+    """
+    yx = _yx(yx, "yx")
+    size = np.asarray(field.size, np.float64)
+    if field.whole:
+        return np.broadcast_to((size - 1) / 2, yx.shape).copy()
+    return yx * np.asarray(field.stride) + (np.asarray(field.offset) + (size - 1) / 2)
+
+
+def locations(field: Field, pixels: Any) -> np.ndarray:
+    """The feature-map location under input pixels: the inverse of ``centers``.
+
+    Args:
+        field: the node's receptive field.
+        pixels: ``(..., 2)`` model-input pixel coordinates ``(y, x)`` (pixel ``i`` centered at
+            ``i``).
+
+    Returns:
+        ``(..., 2)`` float64 fractional locations ``(y, x)`` whose unit is centered on each
+        pixel, not clipped to the map (``round`` gives the unit whose center is nearest); all 0
+        for a whole-input field.
+    """
+    pixels = _yx(pixels, "pixels")
+    if field.whole:
+        return np.zeros_like(pixels)
+    center0 = np.asarray(field.offset) + (np.asarray(field.size, np.float64) - 1) / 2
+    return (pixels - center0) / np.asarray(field.stride)
+
+
+def pixel_centers(box: Sequence[float], n: int) -> np.ndarray:
+    """Where the pixels of a box resampled to ``n`` x ``n`` lie in the model input.
+
+    Args:
+        box: ``(y0, x0, y1, x1)``, half-open, model-input pixels.
+        n: pixels per side after resampling.
+
+    Returns:
+        ``(n, 2)`` float64: row ``i`` holds the y coordinate of the center of the ``i``-th pixel
+        row and the x coordinate of the center of the ``i``-th pixel column, in model-input pixel
+        coordinates (pixel ``j`` centered at ``j``; with ``n = y1 - y0`` they are ``y0 + i``).
+    """
+    y0, x0, y1, x1 = (float(v) for v in box)
+    i = np.arange(n) + 0.5
+    return np.stack([y0 + i * ((y1 - y0) / n) - 0.5, x0 + i * ((x1 - x0) / n) - 0.5], axis=1)
+
+
 def _affine(transform: Any) -> tuple[np.ndarray, np.ndarray]:
     t = _numpy(transform).astype(np.float64)
     if t.shape[-1:] != (3,):
@@ -122,22 +207,24 @@ def _affine(transform: Any) -> tuple[np.ndarray, np.ndarray]:
     return scale, offset
 
 
-def to_original(box: Any, transform: Any) -> np.ndarray:
+def to_original(box: Any, transform: Any, dtype: Any = np.float32) -> np.ndarray:
     """Map boxes from model-input pixels to original-image pixels.
 
     Args:
         box: ``(..., 4)`` boxes ``(y0, x0, y1, x1)`` in model-input pixels.
         transform: ``(..., 3)`` per image ``(scale, offset_y, offset_x)`` with
             ``original = (input + offset) / scale``; broadcast against ``box[..., 0]``.
+        dtype: of the result: float32 as the file stores ``box_orig``, or float64 (computed in
+            float64 either way).
 
     Returns:
-        ``(..., 4)`` float32 boxes in original-image pixels.
+        ``(..., 4)`` boxes in original-image pixels.
     """
     b = _numpy(box).astype(np.float64)
     if b.shape[-1:] != (4,):
         raise ValueError(f"box must have shape (..., 4), got {b.shape}")
     scale, offset = _affine(transform)
-    return ((b + offset) / scale).astype(np.float32)
+    return ((b + offset) / scale).astype(dtype)
 
 
 def to_input(box_orig: Any, transform: Any) -> np.ndarray:

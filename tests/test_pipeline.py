@@ -132,6 +132,19 @@ def test_remines_when_a_corpus_image_changes(job, capsys):
     assert result.stat().st_mtime_ns < later  # a dry run runs nothing
 
 
+@pytest.mark.parametrize("channels", ['"0,2-3"', "[3, 0, 2]"])
+def test_render_table_selects_channels(job, capsys, channels):
+    job.write_text(job.read_text() + f"channels = {channels}\n")  # [render] is the last table
+    rc, _, err = run(capsys, str(job), "-q")
+    assert rc == 0, err
+    gallery = job.parent / "out/gallery"
+    folders = [p for p in gallery.iterdir() if p.is_dir()]
+    assert folders
+    for folder in folders:
+        montages = sorted(p.name for p in folder.glob("c*.png"))
+        assert montages == ["c0000.png", "c0002.png", "c0003.png"], folder
+
+
 def test_recipe_builds_the_corpus_once(tmp_path, tiny_model, capsys):
     recipe = tmp_path / "make_corpus.py"
     recipe.write_text(

@@ -19,10 +19,20 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from patchmine.receptive import Field, boxes, receptive_fields, to_input, to_original
+from patchmine.receptive import (
+    Field,
+    boxes,
+    centers,
+    locations,
+    pixel_centers,
+    receptive_fields,
+    to_input,
+    to_original,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Gradient method
@@ -441,6 +451,89 @@ def test_to_original_broadcasts_per_image():
     np.testing.assert_allclose(got[0, 0], [0, 32, 448, 480])
     np.testing.assert_allclose(got[1, 0], [7, 10, 17, 20])
     assert math.isclose(float(to_input(got, transform)[1, 0, 3]), 40.0)
+
+
+def test_field_from_stored_attrs():
+    f = Field((11, 7), (4, 2), (-2, -3))
+    attrs = {"rf_size": [11, 7], "rf_stride": [4, 2], "rf_offset": [-2, -3], "rf_whole": False}
+    assert Field.from_attrs(attrs) == f
+    assert Field.from_attrs({"rf_size": 5, "rf_stride": 2, "rf_offset": -1}) == Field(
+        (5, 5), (2, 2), (-1, -1)
+    )
+    whole = {"rf_size": [32, 32], "rf_stride": [32, 32], "rf_offset": [0, 0], "rf_whole": True}
+    assert Field.from_attrs(whole) == Field((32, 32), (32, 32), (0, 0), whole=True)
+
+
+_FIELDS = [
+    Field((11, 7), (4, 2), (-2, -3)),
+    Field((1, 1), (1, 1), (0, 0)),
+    Field((6, 5), (3, 1), (-4, 0)),  # an even size: centers fall between pixels
+    Field((195, 195), (32, 32), (-96, -96)),
+]
+
+
+@pytest.mark.parametrize("field", _FIELDS)
+def test_centers_are_the_middle_of_each_box(field):
+    yx = np.stack(np.meshgrid(np.arange(-1, 6), np.arange(-1, 6), indexing="ij"), -1)
+    got = centers(field, yx)
+    assert got.shape == yx.shape and got.dtype == np.float64
+    for (y, x), c in zip(yx.reshape(-1, 2), got.reshape(-1, 2), strict=True):
+        y0, x0, y1, x1 = field.box(y, x)
+        assert tuple(c) == (np.arange(y0, y1).mean(), np.arange(x0, x1).mean())
+
+
+@pytest.mark.parametrize("field", _FIELDS)
+def test_locations_find_the_unit_centered_nearest(field):
+    """Brute force: for every pixel, the units whose box center is nearest."""
+    units = np.arange(-30, 100)
+    box_centers = [
+        np.array([np.arange(*field.box(u, 0)[0::2]).mean() for u in units]),
+        np.array([np.arange(*field.box(0, u)[1::2]).mean() for u in units]),
+    ]
+    grid = np.meshgrid(np.arange(-20, 90), np.arange(-20, 90), indexing="ij")
+    pixels = np.stack(grid, -1).reshape(-1, 2).astype(np.float64)
+    got = locations(field, pixels)
+    np.testing.assert_allclose(centers(field, got), pixels, rtol=0, atol=1e-9)
+    for axis in (0, 1):
+        dist = np.abs(box_centers[axis][None, :] - pixels[:, axis, None])
+        nearest = units[dist.argmin(1)]
+        assert (np.abs(got[:, axis] - nearest) <= 0.5).all()
+        on = dist.min(1) == 0  # the pixel is a unit's center: exactly that unit
+        np.testing.assert_array_equal(got[on, axis], nearest[on])
+
+
+def test_whole_field_centers_and_locations():
+    whole = Field((64, 48), (64, 48), (0, 0), whole=True)
+    np.testing.assert_array_equal(centers(whole, [[0, 0], [3, 1]]), [[31.5, 23.5]] * 2)
+    np.testing.assert_array_equal(locations(whole, [[0.0, 0.0], [60.0, 7.0]]), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize(
+    "box", [(-2, -3, 9, 8), (0, 0, 224, 224), (5, 7, 6, 8), (-96, 32, 99, 227)]
+)
+@pytest.mark.parametrize("n", [1, 7, 32, 96, 113, 224])
+def test_pixel_centers_of_a_resampled_box(box, n):
+    """Against PIL: nearest resampling takes for each pixel the input pixel under its center."""
+    y0, x0, y1, x1 = box
+    side = y1 - y0
+    got = pixel_centers(box, n)
+    assert got.shape == (n, 2)
+    src = np.broadcast_to(np.arange(side, dtype=np.uint8)[:, None], (side, side))
+    resized = Image.fromarray(np.ascontiguousarray(src)).resize((n, n), Image.NEAREST)
+    picked = np.asarray(resized).astype(np.int64)  # the source row of every pixel
+    for axis, start in ((0, y0), (1, x0)):
+        under = np.floor(got[:, axis] + 0.5)  # the input pixel under each center
+        edge = under == got[:, axis] + 0.5  # a center on the line between two pixels: either
+        np.testing.assert_array_equal(under[~edge], start + picked[~edge, 0])
+        assert np.isin(start + picked[edge, 0] - under[edge], (-1, 0)).all()
+    if n == side:  # no resampling: the box's own pixels
+        np.testing.assert_array_equal(got, np.stack([np.arange(y0, y1), np.arange(x0, x1)], 1))
+    if n % side == 0:  # upscaled by f: each input pixel's f copies center on it
+        f = n // side
+        np.testing.assert_allclose(got.reshape(side, f, 2).mean(1)[:, 0], np.arange(y0, y1))
+    if side % n == 0:  # downscaled by f: the mean of the f input pixels it covers
+        f = side // n
+        np.testing.assert_allclose(got[:, 0], np.arange(y0, y1).reshape(n, f).mean(1))
 
 
 class _ValidStride(nn.Module):

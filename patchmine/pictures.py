@@ -1,0 +1,627 @@
+"""Pictures of a result file: montages with heat / mask overlays, overviews, context views.
+
+Public names: OVERLAYS, Grid, montage_grid, overview_grid, context_grid, montage, overview,
+context, LayerInfo, Channel, draw_montage, draw_overview, draw_context, thumbnail, thumb_side,
+load_original, format_number.
+
+The notebook API is ``montage``, ``overview`` and ``context``; they read a result through
+`patchmine.store` (never HDF5 directly) and return PIL images:
+
+    >>> import patchmine
+    >>> from patchmine import pictures
+    >>> r = patchmine.open("out.h5")
+    >>> pictures.montage(r.layer("features.10"), 5, overlay="heat")      # PIL.Image
+
+The other public names are the parts `patchmine.gallery` draws its files with: a `LayerInfo` read
+once per layer, a `Channel` read once per channel, and the ``draw_*`` functions over them.
+
+A tile shows a winner's box (model-input pixels); its activation map ``heat`` (H, W) is laid over
+it by sampling, at every tile pixel, the map bilinearly at the location whose unit is centered
+there (`patchmine.receptive.locations`), so overlays stay exact for any stride and padding. Pixels
+of a box outside the input are never overlaid.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from patchmine import receptive
+from patchmine.errors import UsageError
+
+__all__ = [
+    "OVERLAYS", "Grid", "montage_grid", "overview_grid", "context_grid", "montage", "overview",
+    "context", "LayerInfo", "Channel", "draw_montage", "draw_overview", "draw_context", "thumbnail",
+    "thumb_side", "load_original", "format_number",
+]  # fmt: skip
+
+OVERLAYS = ("heat", "mask", "none")
+
+# look
+BG = (24, 24, 27)
+PANEL = (38, 38, 43)
+EMPTY = (48, 48, 54)
+TEXT = (232, 232, 236)
+DIM_TEXT = (150, 150, 160)
+SCORE = (255, 196, 80)
+BOX = (255, 214, 0)
+RED = (235, 64, 52)
+OUTLINE = (0, 255, 220)
+PAD = 6
+MIN_TILE = 112  # montage tiles are at least this many pixels wide
+THUMB = 64  # overview tiles
+CONTEXT = 200  # context view cells
+HEAT_ALPHA = 0.6
+MASK_DIM = 0.28
+MASK_Q = 0.995
+
+# turbo-like colormap anchors (value, rgb)
+_CMAP_ANCHORS = [
+    (0.0, (48, 18, 59)), (0.15, (68, 90, 204)), (0.3, (38, 180, 235)), (0.45, (38, 236, 154)),
+    (0.6, (164, 252, 60)), (0.75, (250, 186, 57)), (0.9, (227, 67, 18)), (1.0, (150, 10, 5)),
+]  # fmt: skip
+
+
+def _make_lut() -> np.ndarray:
+    xs = np.array([a for a, _ in _CMAP_ANCHORS])
+    cs = np.array([c for _, c in _CMAP_ANCHORS], dtype=np.float32)
+    t = np.linspace(0, 1, 256)
+    return np.stack([np.interp(t, xs, cs[:, i]) for i in range(3)], axis=1).astype(np.float32)
+
+
+_LUT = _make_lut()
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _fit(font: ImageFont.ImageFont, text: str, width: float) -> str:
+    """``text`` shortened from the left with an ellipsis until it fits ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # smallest cut that fits
+        mid = (lo + hi) // 2
+        if font.getlength("…" + text[mid:]) <= width:
+            hi = mid
+        else:
+            lo = mid + 1
+    return "…" + text[lo:]
+
+
+def format_number(v: float) -> str:
+    """A score or statistic as the pictures and pages print it (4 significant digits)."""
+    if not math.isfinite(v):
+        return "nan"
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the cells of a picture lie: ``n`` cells of ``tile`` x ``tile`` pixels in ``cols``
+    columns, each with a ``label_h`` pixel label beneath, ``pad`` pixels apart, under a ``header_h``
+    pixel title.
+    """
+
+    n: int
+    cols: int
+    tile: int
+    label_h: int
+    pad: int = PAD
+    header_h: int = 0
+
+    @property
+    def rows(self) -> int:
+        return max(1, math.ceil(self.n / self.cols))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the whole picture."""
+        w = self.pad + self.cols * (self.tile + self.pad)
+        h = self.header_h + self.pad + self.rows * (self.tile + self.label_h + self.pad)
+        return w, h
+
+    def cell(self, i: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of cell ``i``: its tile and its label."""
+        r, c = divmod(i, self.cols)
+        x = self.pad + c * (self.tile + self.pad)
+        y = self.header_h + self.pad + r * (self.tile + self.label_h + self.pad)
+        return x, y, x + self.tile, y + self.tile + self.label_h
+
+    def tile_box(self, i: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the picture part of cell ``i``."""
+        x0, y0, x1, _ = self.cell(i)
+        return x0, y0, x1, y0 + self.tile
+
+    def label_box(self, i: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the label part of cell ``i``."""
+        x0, y0, x1, y1 = self.cell(i)
+        return x0, y0 + self.tile, x1, y1
+
+
+_LABEL_SIZE = 13
+_LINE = _LABEL_SIZE + 4
+_LABEL_H = 2 * _LINE + 4
+_HEADER_SIZE = 15
+_HEADER_H = _HEADER_SIZE + 12
+
+
+def montage_grid(k: int, patch_size: int) -> Grid:
+    """The montage layout for ``k`` patches of ``patch_size`` pixels (3 x 3 for k = 9)."""
+    cols = max(1, math.ceil(math.sqrt(k)))
+    return Grid(k, cols, _tile_side(patch_size), label_h=_LABEL_H, header_h=_HEADER_H)
+
+
+def overview_grid(channels: int, patch_size: int) -> Grid:
+    """The overview layout: one thumbnail per channel, a little wider than tall."""
+    cols = max(1, math.ceil(math.sqrt(channels * 1.5)))
+    cols = min(cols, channels) if channels else 1
+    return Grid(channels, cols, thumb_side(patch_size), label_h=15, pad=4, header_h=_HEADER_H)
+
+
+def context_grid(k: int) -> Grid:
+    """The context-view layout for ``k`` winners."""
+    cols = max(1, math.ceil(math.sqrt(k)))
+    return Grid(k, cols, CONTEXT, label_h=_LABEL_H, header_h=_HEADER_H)
+
+
+def _tile_side(p: int) -> int:
+    return p * math.ceil(MIN_TILE / p) if p < MIN_TILE else p
+
+
+def thumb_side(patch_size: int) -> int:
+    """Side of an overview tile: a whole multiple of small patches, else ``THUMB``."""
+    p = patch_size
+    return p * math.ceil(THUMB / p) if p < THUMB else THUMB
+
+
+def _resize_tile(img: np.ndarray, side: int) -> Image.Image:
+    im = Image.fromarray(np.ascontiguousarray(img))
+    if im.size == (side, side):
+        return im
+    small = im.width < 48 or side % im.width == 0 and im.width < side
+    return im.resize((side, side), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-layer and per-channel data
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What every picture and page of one layer needs, read from the file once.
+
+    ``mean``, ``max`` and ``threshold`` are (C,) float32 (NaN where the file has no statistics);
+    ``threshold`` is the activation quantile ``q`` (0.995 where stored) that masks keep.
+    ``score`` and ``image`` are the layer's (C, k) arrays.
+    """
+
+    name: str
+    channels: int
+    k: int
+    patch_size: int
+    input_size: int
+    field: receptive.Field
+    mean: np.ndarray
+    max: np.ndarray
+    threshold: np.ndarray
+    q: float
+    score: np.ndarray
+    image: np.ndarray
+
+    @classmethod
+    def read(cls, layer) -> LayerInfo:
+        """From a `patchmine.store.LayerResult`."""
+        c = layer.channels
+        try:
+            st = layer.stats()
+        except (KeyError, ValueError):
+            st = {}
+        nan = np.full(c, np.nan, dtype=np.float32)
+        thr, qv = nan, float("nan")
+        if "quantile" in st and "q" in st and np.size(st["q"]):
+            qs = np.asarray(st["q"], dtype=np.float64).reshape(-1)
+            hit = np.flatnonzero(np.isclose(qs, MASK_Q))
+            j = int(hit[0]) if len(hit) else int(np.argmax(qs))
+            thr = np.asarray(st["quantile"], dtype=np.float32).reshape(c, -1)[:, j]
+            qv = float(qs[j])
+        return cls(
+            name=layer.name,
+            channels=c,
+            k=layer.k,
+            patch_size=layer.patch_size,
+            input_size=int(layer.result.attrs.get("input_size", 0) or 0),
+            field=receptive.Field.from_attrs(layer.attrs),
+            mean=np.asarray(st.get("mean", nan), dtype=np.float32).reshape(-1)[:c],
+            max=np.asarray(st.get("max", nan), dtype=np.float32).reshape(-1)[:c],
+            threshold=thr,
+            q=qv,
+            score=np.asarray(layer.score),
+            image=np.asarray(layer.image),
+        )
+
+    def dead(self, c: int) -> bool:
+        """Never active: no entries, or a recorded maximum <= 0."""
+        m = self.max[c]
+        return bool(self.image[c, 0] < 0 or (np.isfinite(m) and m <= 0))
+
+    @property
+    def n_dead(self) -> int:
+        return sum(self.dead(c) for c in range(self.channels))
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel's winners, read from the file once and shared by every picture of it."""
+
+    info: LayerInfo
+    c: int
+    records: list[dict]
+    patches: np.ndarray  # (k, P, P, 3) uint8
+    heat: np.ndarray  # (k, H, W) float32
+
+    @classmethod
+    def read(cls, layer, c: int, info: LayerInfo) -> Channel:
+        """Channel ``c`` of a `patchmine.store.LayerResult` whose `LayerInfo` is ``info``."""
+        if not 0 <= c < info.channels:
+            raise UsageError(f"layer {layer.name!r} has channels 0..{info.channels - 1}, not {c}")
+        patches = np.asarray(layer.patches(c))
+        heat = np.asarray(layer.heat(c), dtype=np.float32)
+        return cls(info, c, layer.records(c), patches, heat)
+
+    @property
+    def dead(self) -> bool:
+        return self.info.dead(self.c)
+
+    def heat_range(self) -> tuple[float, float]:
+        """(lo, hi): the channel's mean maps to transparent, its strongest activation to full."""
+        used = len(self.records)
+        h = self.heat[:used]
+        hi = float(np.nanmax(h)) if used and h.size else float("nan")
+        if used:
+            hi = max(hi, float(self.info.score[self.c, 0])) if np.isfinite(hi) else hi
+        lo = float(self.info.mean[self.c])
+        if not np.isfinite(lo) or lo >= hi:
+            lo = min(0.0, hi) if np.isfinite(hi) else 0.0
+        return lo, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# overlays
+
+
+def _bilinear(u: np.ndarray, units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (i0, i1) and weights of i1 that sample a map of ``units`` at fractional ``u``."""
+    u = np.clip(u, 0, units - 1)
+    i0 = np.floor(u).astype(np.int64)
+    i1 = np.minimum(i0 + 1, units - 1)
+    return i0, i1, (u - i0).astype(np.float32)
+
+
+def _sample_heat(ch: Channel, slot: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(side, side) activations over the slot's box, and the mask of its pixels inside the input."""
+    hmap = ch.heat[slot]
+    pix = receptive.pixel_centers(ch.records[slot]["box"], side)  # (side, 2): y, x
+    units = receptive.locations(ch.info.field, pix)
+    iy0, iy1, wy = _bilinear(units[:, 0], hmap.shape[0])
+    ix0, ix1, wx = _bilinear(units[:, 1], hmap.shape[1])
+    s = ch.info.input_size
+    inside = (pix >= -0.5) & (pix < s - 0.5) if s else np.ones((side, 2), bool)
+    rows = (1 - wy)[:, None] * hmap[iy0] + wy[:, None] * hmap[iy1]  # (side, W)
+    vals = rows[:, ix0] * (1 - wx) + rows[:, ix1] * wx
+    return vals, inside[:, 0, None] & inside[None, :, 1]
+
+
+def _overlay(tile: Image.Image, ch: Channel, slot: int, mode: str) -> Image.Image:
+    info = ch.info
+    if mode == "none" or info.field.whole or ch.heat.ndim != 3 or ch.heat.shape[1:] == (1, 1):
+        return tile
+    side = tile.width
+    vals, inside = _sample_heat(ch, slot, side)
+    rgb = np.asarray(tile, dtype=np.float32)
+    if mode == "heat":
+        lo, hi = ch.heat_range()
+        if not (np.isfinite(hi) and hi > lo):
+            return tile
+        v = np.clip((vals - lo) / (hi - lo), 0, 1)
+        v = np.where(inside & np.isfinite(v), v, 0)
+        alpha = (HEAT_ALPHA * np.sqrt(v))[..., None]
+        color = _LUT[np.rint(v * 255).astype(np.int64)]
+        out = rgb * (1 - alpha) + color * alpha
+    elif mode == "mask":
+        thr = float(info.threshold[ch.c])
+        if not np.isfinite(thr):
+            return tile
+        keep = (vals > thr) & inside
+        out = np.where(keep[..., None], rgb, rgb * MASK_DIM)
+        edge = keep & ~_erode(keep, 2 if side >= 96 else 1)
+        out[edge] = OUTLINE
+    else:
+        raise UsageError(f"unknown overlay {mode!r}; choose one of {', '.join(OVERLAYS)}")
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def _erode(m: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        p = np.pad(m, 1, constant_values=False)
+        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# drawing
+
+
+def _header(draw: ImageDraw.ImageDraw, width: int, left: str, right: str = "") -> None:
+    f = _font(_HEADER_SIZE)
+    draw.text((PAD, 6), _fit(f, left, width - 2 * PAD), font=f, fill=TEXT)
+    if right:
+        rw = f.getlength(right)
+        if f.getlength(left) + rw + 4 * PAD < width:
+            draw.text((width - PAD - rw, 6), right, font=f, fill=DIM_TEXT)
+
+
+def _label(
+    draw: ImageDraw.ImageDraw,
+    box,
+    rank: int,
+    score: float,
+    name: str,
+    name_color=DIM_TEXT,
+) -> None:
+    f = _font(_LABEL_SIZE)
+    x0, y0, x1, _ = box
+    y = y0 + 3
+    tag = f"#{rank + 1}"
+    draw.text((x0 + 2, y), tag, font=f, fill=TEXT)
+    draw.text((x0 + 2 + f.getlength(tag) + 8, y), format_number(score), font=f, fill=SCORE)
+    if name:
+        draw.text((x0 + 2, y + _LINE), _fit(f, name, x1 - x0 - 4), font=f, fill=name_color)
+
+
+def _empty_tile(side: int) -> Image.Image:
+    im = Image.new("RGB", (side, side), EMPTY)
+    d = ImageDraw.Draw(im)
+    f = _font(_LABEL_SIZE)
+    d.text(((side - f.getlength("empty")) / 2, side / 2 - 8), "empty", font=f, fill=DIM_TEXT)
+    return im
+
+
+def _short(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else path
+
+
+def _check_overlay(overlay: str) -> None:
+    if overlay not in OVERLAYS:
+        raise UsageError(f"unknown overlay {overlay!r}; choose one of {', '.join(OVERLAYS)}")
+
+
+def draw_montage(ch: Channel, overlay: str) -> Image.Image:
+    """The montage of a `Channel` (see `montage`)."""
+    info = ch.info
+    g = montage_grid(info.k, info.patch_size)
+    im = Image.new("RGB", g.size, BG)
+    draw = ImageDraw.Draw(im)
+    title = f"{info.name}  channel {ch.c}"
+    if info.field.whole:
+        title += "  (whole input)"
+    right = "dead" if ch.dead else ""
+    if not right and overlay != "none" and not info.field.whole:
+        right = f"overlay: {overlay}"
+    _header(draw, g.size[0], title, right)
+    for slot in range(info.k):
+        tb = g.tile_box(slot)
+        if slot < len(ch.records):
+            rec = ch.records[slot]
+            tile = _overlay(_resize_tile(ch.patches[slot], g.tile), ch, slot, overlay)
+            im.paste(tile, tb[:2])
+            _label(draw, g.label_box(slot), slot, rec["score"], _short(rec["path"]))
+        else:
+            im.paste(_empty_tile(g.tile), tb[:2])
+    return im
+
+
+def montage(layer, channel: int, overlay: str = "none") -> Image.Image:
+    """The k winners of one channel as a grid of upscaled patches with rank, score and source.
+
+    Args:
+        layer: a `patchmine.store.LayerResult`.
+        channel: channel index.
+        overlay: ``"heat"`` (the activation map, translucent), ``"mask"`` (NetDissect style: pixels
+            above the channel's 0.995 activation quantile kept, the rest dimmed, outlined) or
+            ``"none"``. Whole-input layers have no overlay.
+
+    Returns:
+        An RGB image; its layout is ``montage_grid(layer.k, layer.patch_size)``.
+    """
+    _check_overlay(overlay)
+    return draw_montage(Channel.read(layer, channel, LayerInfo.read(layer)), overlay)
+
+
+def _dead_tile(side: int) -> Image.Image:
+    im = Image.new("RGB", (side, side), (92, 92, 96))
+    d = ImageDraw.Draw(im)
+    w = max(2, side // 16)
+    d.line((4, 4, side - 5, side - 5), fill=RED, width=w)
+    d.line((4, side - 5, side - 5, 4), fill=RED, width=w)
+    f = _font(max(10, side // 5))
+    tw, th = f.getlength("dead"), side // 10
+    box = ((side - tw) / 2 - 3, side / 2 - th - 2, (side + tw) / 2 + 3, side / 2 + th + 3)
+    d.rectangle(box, fill=(92, 92, 96))
+    d.text(((side - tw) / 2, side / 2 - th), "dead", font=f, fill=(255, 255, 255))
+    return im
+
+
+def thumbnail(patch: np.ndarray | None, side: int) -> Image.Image:
+    """An overview tile: ``patch`` resized to ``side``, or the dead tile where it is None."""
+    return _dead_tile(side) if patch is None else _resize_tile(patch, side)
+
+
+def draw_overview(info: LayerInfo, thumbs: dict[int, Image.Image]) -> Image.Image:
+    """The overview of a layer from its tiles ``{channel: thumbnail}`` (see `overview`)."""
+    g = overview_grid(info.channels, info.patch_size)
+    im = Image.new("RGB", g.size, BG)
+    draw = ImageDraw.Draw(im)
+    n_dead = info.n_dead
+    right = f"{n_dead} dead" if n_dead else ""
+    _header(draw, g.size[0], f"{info.name}  {info.channels} channels", right)
+    f = _font(11)
+    for c in range(info.channels):
+        x0, y0, x1, _ = g.tile_box(c)
+        im.paste(thumbs.get(c) or _dead_tile(g.tile), (x0, y0))
+        t = str(c)
+        draw.text(
+            (x0 + (g.tile - f.getlength(t)) / 2, y0 + g.tile + 1),
+            t,
+            font=f,
+            fill=RED if info.dead(c) else DIM_TEXT,
+        )
+    return im
+
+
+def overview(layer) -> Image.Image:
+    """One thumbnail per channel (its best patch, with the channel number).
+
+    Dead channels (never active: no entries, or stats max <= 0) are a grey tile with a red X.
+    Layout: ``overview_grid(layer.channels, layer.patch_size)``.
+    """
+    info = LayerInfo.read(layer)
+    side = thumb_side(info.patch_size)
+    thumbs = {
+        c: thumbnail(None if info.dead(c) else layer.patches(c)[0], side)
+        for c in range(info.channels)
+    }
+    return draw_overview(info, thumbs)
+
+
+# --------------------------------------------------------------------------------------------------
+# context views
+
+Original = tuple[Image.Image | None, str]  # (downscaled original or None, why not)
+
+
+def load_original(result, i: int, side: int = CONTEXT) -> Original:
+    """Image ``i`` of a `patchmine.store.Result` re-read and scaled to fit ``side`` x ``side``.
+
+    Returns:
+        ``(image, "")``, or ``(None, why)`` where the original is unknown, missing, unreadable or
+        changed (its aspect ratio differs from the recorded one).
+    """
+    try:
+        path = result.image_file(i)
+    except (KeyError, IndexError, TypeError):
+        return None, "original unknown"
+    if not path.is_file():
+        return None, "original missing"
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (side, side))
+                im.load()
+                im = ImageOps.exif_transpose(im).convert("RGB")
+            else:
+                from patchmine.corpus import load_rgb
+
+                im = load_rgb(path)
+    except Exception:  # noqa: BLE001 - any unreadable original falls back to the stored patch
+        return None, "original unreadable"
+    h, w = (int(v) for v in result.image_shape[i])
+    if h > 0 and w > 0 and abs(im.width / im.height - w / h) > 0.02 * (w / h):
+        return None, "original changed"
+    return _fit_image(im, side), ""
+
+
+def _fit_image(im: Image.Image, side: int) -> Image.Image:
+    """``im`` scaled to fit ``side`` x ``side``: shrunk smoothly, or grown (sharply when tiny)."""
+    f = min(side / im.width, side / im.height)
+    size = (max(1, round(im.width * f)), max(1, round(im.height * f)))
+    if size == im.size:
+        return im
+    if f < 1:
+        how = Image.Resampling.LANCZOS
+    else:
+        how = Image.Resampling.NEAREST if f >= 3 else Image.Resampling.BICUBIC
+    return im.resize(size, how)
+
+
+def draw_context(ch: Channel, result, original: Callable[[int], Original]) -> Image.Image:
+    """The context view of a `Channel` (see `context`); ``original(i)`` gives image ``i`` as
+    `load_original` does."""
+    info = ch.info
+    g = context_grid(info.k)
+    im = Image.new("RGB", g.size, BG)
+    draw = ImageDraw.Draw(im)
+    _header(draw, g.size[0], f"{info.name}  channel {ch.c}  in context", "box: receptive field")
+    for slot in range(info.k):
+        x0, y0, x1, y1 = g.tile_box(slot)
+        if slot >= len(ch.records):
+            im.paste(_empty_tile(g.tile), (x0, y0))
+            continue
+        rec = ch.records[slot]
+        thumb, why = original(rec["image"])
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=PANEL)
+        if thumb is None:
+            p = info.patch_size
+            side = p * (g.tile // p) if p <= g.tile else g.tile
+            off = (g.tile - side) // 2
+            im.paste(_resize_tile(ch.patches[slot], side), (x0 + off, y0 + off))
+            _label(
+                draw, g.label_box(slot), slot, rec["score"], f"{why}: stored patch", name_color=RED
+            )
+            continue
+        ox = x0 + (g.tile - thumb.width) // 2
+        oy = y0 + (g.tile - thumb.height) // 2
+        im.paste(thumb, (ox, oy))
+        w = float(result.image_shape[rec["image"]][1])
+        s = thumb.width / w if w > 0 else 1.0
+        transform = result.image_transform[rec["image"]]
+        if transform[0] > 0 and info.input_size and not info.field.whole:  # the square it saw
+            n = info.input_size
+            crop = receptive.to_original((0, 0, n, n), transform, np.float64)
+            cy0, cx0, cy1, cx1 = (float(v) * s for v in crop)
+            if cy0 > 1 or cx0 > 1 or cy1 < thumb.height - 1 or cx1 < thumb.width - 1:
+                draw.rectangle(
+                    (ox + cx0, oy + cy0, ox + cx1 - 1, oy + cy1 - 1),
+                    outline=(150, 150, 160),
+                    width=1,
+                )
+        by0, bx0, by1, bx1 = rec["box_orig"]
+        if all(math.isfinite(v) for v in (by0, bx0, by1, bx1)):
+            r = (ox + bx0 * s, oy + by0 * s, ox + bx1 * s - 1, oy + by1 * s - 1)
+            r = (max(r[0], x0), max(r[1], y0), min(r[2], x1 - 1), min(r[3], y1 - 1))
+            if r[2] > r[0] and r[3] > r[1]:
+                draw.rectangle(r, outline=(0, 0, 0), width=4)
+                draw.rectangle((r[0] + 1, r[1] + 1, r[2] - 1, r[3] - 1), outline=BOX, width=2)
+        _label(draw, g.label_box(slot), slot, rec["score"], _short(rec["path"]))
+    return im
+
+
+def context(result, layer, channel: int) -> Image.Image:
+    """The k winners of a channel in their whole original images (downscaled), box drawn.
+
+    The original is re-read from ``result.image_file(i)``; where it is gone, unreadable or changed,
+    the stored patch stands in and the label says so. A thin grey square marks the center crop the
+    network saw, when it is not the whole image.
+
+    Args:
+        result: a `patchmine.store.Result`.
+        layer: a layer name or `LayerResult` of it.
+        channel: channel index.
+    """
+    lr = result.layer(layer) if isinstance(layer, str) else layer
+    ch = Channel.read(lr, channel, LayerInfo.read(lr))
+    return draw_context(ch, result, functools.partial(load_original, result))
