@@ -7,12 +7,13 @@ disk), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM (128 + the sig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from patchmine.errors import UsageError
 
@@ -349,6 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _quiet_h5py_dealloc():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _quiet_h5py_dealloc() -> Iterator[None]:
+    """A failed write (full disk) also fails in h5py's object destructors, each printing a traceback
+    (through sys.excepthook, then "Exception ignored in ... __dealloc__"); the command's own error
+    says it in one line. The command line owns its process: it mutes them while a command runs."""
+    old_unraisable, old_except = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb, obj=None) -> bool:
+        where = " ".join(f.filename for f in traceback.extract_tb(tb))
+        return "h5py" in repr(obj) + where
+
+    def unraisable(u) -> None:
+        if not from_h5py(u.exc_traceback, u.object):
+            old_unraisable(u)
+
+    def excepthook(kind, value, tb) -> None:
+        if not from_h5py(tb):
+            old_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = old_unraisable, old_except
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run one parsed command: exit status 2 and one line for bad usage, 1 for failures."""
     try:
         return args.func(args) or 0
     except UsageError as e:

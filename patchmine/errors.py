@@ -1,6 +1,6 @@
 """Errors that mean "the user asked for something that cannot be done" (CLI exit status 2).
 
-Public names: UsageError, UnknownNameError, nearest.
+Public names: UsageError, UnknownNameError, nearest, differences.
 
 Anything else that escapes is an internal failure (exit status 1).
 """
@@ -8,9 +8,9 @@ Anything else that escapes is an internal failure (exit status 1).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-__all__ = ["UsageError", "UnknownNameError", "nearest"]
+__all__ = ["UsageError", "UnknownNameError", "nearest", "differences"]
 
 
 class UsageError(ValueError):
@@ -32,3 +32,33 @@ def nearest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
         low = name.lower()
         close += [c for c in choices if low in c.lower() and c not in close][: n - len(close)]
     return close
+
+
+def differences(saved: Mapping, now: Mapping, keys: Iterable[str] | None = None) -> list[str]:
+    """The settings that differ between a saved state (a checkpoint, a file's attributes) and now.
+
+    Args:
+        saved, now: setting name -> value; a name missing on one side counts as None there.
+        keys: the names to compare, in the order to report them (default: those of ``now``).
+
+    Returns:
+        The names whose values differ, compared as plain data: tuples and numpy arrays equal the
+        lists they hold, numpy scalars the numbers.
+
+    Example:
+        >>> differences({"k": 3, "layers": ("a",)}, {"k": 4, "layers": ["a"]})
+        ['k']
+    """
+    return [
+        key
+        for key in (now if keys is None else keys)
+        if _plain(saved.get(key)) != _plain(now.get(key))
+    ]
+
+
+def _plain(v):
+    if hasattr(v, "tolist"):  # numpy arrays and scalars, without importing numpy here
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(a) for a in v]
+    return v

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from patchmine import store
-from patchmine.errors import UsageError
+from patchmine.errors import UsageError, differences
 from patchmine.stats import RunningStats
-from patchmine.topk import TopK
+from patchmine.topk import TopK, entry_key
 
 __all__ = ["merge"]
 
@@ -57,16 +57,17 @@ def _check(results: list[store.Result]) -> list[store.Result]:
     """The shards in order 0..N-1, after checking that they are one complete run."""
     first = results[0]
     for r in results[1:]:
-        for key, what in _SAME:
+        diff = differences(r.attrs, first.attrs, [key for key, _ in _SAME])
+        if diff:
+            key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
-            if np.asarray(a).tolist() != np.asarray(b).tolist():
-                raise UsageError(
-                    f"cannot merge {r.path} with {first.path}: {what} differs "
-                    f"({_short(a)} vs {_short(b)})"
-                )
+            raise UsageError(
+                f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
+                f"({_short(a)} vs {_short(b)})"
+            )
         for name in first.layers:
             la, lb = first.layer(name).attrs, r.layer(name).attrs
-            diff = [k for k in la if np.asarray(la[k]).tolist() != np.asarray(lb.get(k)).tolist()]
+            diff = differences(lb, la)
             if diff:
                 raise UsageError(
                     f"cannot merge {r.path} with {first.path}: layer {name} differs in "
@@ -146,27 +147,25 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
     C, k = first.score.shape
     H, W = (int(v) for v in a["fmap_hw"])
     per_image = int(shards[0].attrs["per_image"])
-
-    def collector() -> TopK:
-        return TopK(C, k, per_image, (H, W), tuple(a["rf_size"]), tuple(a["rf_stride"]))
-
-    merged = collector()
+    merged = TopK(C, k, per_image, (H, W), a["rf_size"], a["rf_stride"])
     keys = []
     for lr, start in zip(layers, starts, strict=True):
         image = np.where(lr.image >= 0, lr.image + start, -1)
-        keys.append(np.where(image >= 0, image * (H * W) + lr.yx[..., 0] * W + lr.yx[..., 1], -1))
-        sd = collector().state_dict()
-        sd.update(
-            score=torch.from_numpy(lr.score),
-            image=torch.from_numpy(image),
-            yx=torch.from_numpy(lr.yx.astype(np.int64)),
+        keys.append(np.where(image >= 0, entry_key(image, lr.yx, (H, W)), -1))
+        merged.merge(
+            TopK.from_result(
+                lr.score,
+                image,
+                lr.yx,
+                per_image=per_image,
+                fmap_hw=(H, W),
+                rf_size=a["rf_size"],
+                rf_stride=a["rf_stride"],
+            )
         )
-        part = collector()
-        part.load_state_dict(sd)
-        merged.merge(part)
     res = {key: v.numpy() for key, v in merged.result().items()}
     used = res["image"] >= 0
-    key = np.where(used, res["image"] * (H * W) + res["yx"][..., 0] * W + res["yx"][..., 1], -1)
+    key = np.where(used, entry_key(res["image"], res["yx"], (H, W)), -1)
     # Where each winner comes from: its shard (by global image) and its slot in that shard's row.
     src = np.where(used, np.searchsorted(starts, res["image"], side="right") - 1, -1)
     slot = np.zeros((C, k), np.int64)

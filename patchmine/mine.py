@@ -4,13 +4,14 @@ Public names: mine, Miner, MineSummary, Interrupted, DEFAULT_PATCH_SIZE.
 
 The first pass streams every image once through the tapped model and feeds per-layer collectors whose
 state is checkpointed every few batches; the second pass re-reads only winner images; the result is
-written atomically. The file is a pure function of the corpus order and the settings.
+written atomically. The file is a pure function of the corpus order and the settings. Which nodes
+are mined (and their shapes and fields) is `patchmine.taps.select_layers`; what the file holds is
+assembled by `patchmine.store` (`layer_data`, `run_attrs`, `image_table`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
 import shutil
 import signal
@@ -22,19 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from tqdm.auto import tqdm
 
-import patchmine
 from patchmine import distributed, store
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, printable
-from patchmine.errors import UsageError
+from patchmine.errors import UsageError, differences
 from patchmine.maps import reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
-from patchmine.receptive import boxes, receptive_fields, to_original
 from patchmine.stats import RunningStats
-from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
+from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
 
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
@@ -126,7 +124,7 @@ def _checkpoint_path(out: Path) -> Path:
 
 
 def _check_meta(source: str, saved: dict, now: dict) -> None:
-    diff = [key for key in now if saved.get(key) != now[key]]
+    diff = differences(saved, now)
     if diff:
         what = "; ".join(
             f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}"
@@ -183,17 +181,9 @@ class Miner:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here")
         self.model = load_model(model, weights, input_size)
-        every = node_shapes(self.model.module, input_size)
-        fields = receptive_fields(self.model.module, input_size)  # nodes that have a field
-        self.shapes = {n: s for n, s in every.items() if n in fields}
-        for name in layers or ():
-            if name in every and name not in fields:  # raises, saying where the field was lost
-                receptive_fields(self.model.module, input_size, [name])
-        if layers:
-            self.layers = resolve_layers(self.shapes, layers)
-        else:
-            self.layers = list(self.model.default_layers) or default_layers(self.shapes)
-        self.fields = {n: fields[n] for n in self.layers}
+        chosen = select_layers(self.model.module, input_size, layers, self.model.default_layers)
+        self.layers, self.shapes, self.fields = chosen.names, chosen.shapes, chosen.fields
+        self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
         self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
         self.tap.to(self.device).eval()
@@ -215,10 +205,6 @@ class Miner:
         self.transform = np.zeros((n, 3), dtype=np.float32)
         self.error = [""] * n
 
-    def fmap_hw(self, name: str) -> tuple[int, int]:
-        s = self.shapes[name]
-        return (s[1], s[2]) if len(s) == 3 else (1, 1)
-
     @property
     def meta(self) -> dict:
         """What a checkpoint must agree on to be resumed."""
@@ -237,12 +223,13 @@ class Miner:
         }
 
     def state_dict(self) -> dict:
+        """Plain data (tensors, numbers, strings), as `store.load_checkpoint` accepts it."""
         return {
             "meta": self.meta,
             "cursor": self.cursor,
-            "ok": self.ok,
-            "shape": self.shape,
-            "transform": self.transform,
+            "ok": torch.from_numpy(self.ok),
+            "shape": torch.from_numpy(self.shape),
+            "transform": torch.from_numpy(self.transform),
             "error": self.error,
             "topk": {n: c.state_dict() for n, c in self.topk.items()},
             "stats": {n: s.state_dict() for n, s in self.stats.items()},
@@ -254,11 +241,8 @@ class Miner:
         for n in self.layers:
             self.topk[n].load_state_dict(state["topk"][n])
             self.stats[n].load_state_dict(state["stats"][n])
-        self.ok[:], self.shape[:], self.transform[:] = (
-            state["ok"],
-            state["shape"],
-            state["transform"],
-        )
+        for key in ("ok", "shape", "transform"):
+            getattr(self, key)[:] = np.asarray(state[key])
         self.error = list(state["error"])
 
     @torch.inference_mode()
@@ -306,8 +290,9 @@ class Miner:
                     pixels, idx = pixels[good], idx[good]
                 if len(idx):  # no name holds the activations past this batch: they are freed
                     # before the next forward, not after it (one batch's worth less peak memory)
-                    self.collect(self.tap(pixels.to(dev, non_blocking=True)),
-                                 idx.to(dev, non_blocking=True))
+                    self.collect(
+                        self.tap(pixels.to(dev, non_blocking=True)), idx.to(dev, non_blocking=True)
+                    )
                 self.cursor = hi
                 bar.update(hi - lo)
                 if should_stop():
@@ -347,8 +332,7 @@ class Miner:
 
     def absorb(self, part: dict) -> None:
         """Merge another process's `part_state` (a disjoint span of the same run) into this one."""
-        now = {**self.meta, "part": None}
-        diff = [key for key in now if part["meta"].get(key) != now[key]]
+        diff = differences(part["meta"], {**self.meta, "part": None})
         if diff:
             raise UsageError(
                 f"the processes of this run disagree on {', '.join(diff)} (span {part['span']}): "
@@ -377,73 +361,43 @@ class Miner:
 
     def layer_data(self, plan: LayerPlan, patch: np.ndarray, heat: np.ndarray) -> store.LayerData:
         """One layer's datasets for the file, with image indices local to this slice."""
-        used = plan.image >= 0
-        bx = boxes(plan.field, plan.yx).astype(np.int32)
-        bx[~used] = 0
-        bo = np.full(bx.shape, np.nan, dtype=np.float32)
-        bo[used] = to_original(bx[used], self.transform[plan.image[used]])
-        f, st = plan.field, self.stats[plan.name]
-        return store.LayerData(
-            attrs={
-                "channels": plan.score.shape[0],
-                "fmap_hw": list(plan.fmap_hw),
-                "rf_size": list(f.size),
-                "rf_stride": list(f.stride),
-                "rf_offset": list(f.offset),
-                "rf_whole": bool(f.whole),
-                "patch_size": plan.patch_size,
-            },
-            score=plan.score,
-            image=np.where(used, plan.image - self.start, -1),
-            yx=plan.yx,
-            box=bx,
-            box_orig=bo,
-            patch=patch,
-            heat=heat,
+        st = self.stats[plan.name]
+        return store.layer_data(
+            plan,
+            patch,
+            heat,
             stats={key: v.cpu().numpy() for key, v in st.result().items()},
             stats_state={
                 key: v.cpu().numpy()
                 for key, v in st.state_dict().items()
                 if isinstance(v, torch.Tensor)
             },
+            transform=self.transform,
+            start=self.start,
         )
 
-    def file_attrs(self) -> dict:
-        lm, sl = self.model, slice(self.start, self.stop)
-        attrs = {
-            "model": lm.name,
-            "weights": lm.weights,
-            "input_size": self.input_size,
-            "mean": list(lm.mean),
-            "std": list(lm.std),
-            "k": self.k,
-            "per_image": self.per_image,
-            "n_images": self.stop - self.start,
-            "n_failed": int((~self.ok[sl]).sum()),
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "patchmine_version": patchmine.__version__,
-            "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__,
-            "corpus_roots": list(self.corpus.roots),
-            "layer_order": list(self.layers),
-            "corpus_fingerprint": self.corpus.fingerprint(),
-            "n_corpus": len(self.corpus),
-            "shard_start": self.start,
+    def write(self, out: Path, layers: dict[str, store.LayerData], should_stop) -> None:
+        """Write the result file of this slice (``start:stop``) atomically."""
+        rows = range(self.start, self.stop)
+        attrs = store.run_attrs(
+            self.model,
+            self.corpus,
+            layers=self.layers,
+            input_size=self.input_size,
+            k=self.k,
+            per_image=self.per_image,
+            rows=rows,
+            n_failed=int((~self.ok[rows.start : rows.stop]).sum()),
+            shard=self.shard,
+        )
+        records = {
+            "shape": self.shape,
+            "ok": self.ok,
+            "transform": self.transform,
+            "error": self.error,
         }
-        if self.shard is not None:
-            attrs["shard"] = list(self.shard)
-        return {**attrs, **self.extra_attrs}
-
-    def images(self) -> dict:
-        sl = slice(self.start, self.stop)
-        return {
-            "path": list(self.corpus.paths[sl]),
-            "root": np.asarray(self.corpus.root_index[sl]),
-            "shape": self.shape[sl],
-            "ok": self.ok[sl],
-            "transform": self.transform[sl],
-            "error": self.error[sl],
-        }
+        images = store.image_table(self.corpus, records, rows)
+        store.write_result(out, {**attrs, **self.extra_attrs}, images, layers, should_stop)
 
     def finish(
         self,
@@ -487,7 +441,7 @@ class Miner:
                 layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
                 if should_stop():
                     raise KeyboardInterrupt
-                store.write_result(out, self.file_attrs(), self.images(), layers, should_stop)
+                self.write(out, layers, should_stop)
             t2 = time.perf_counter()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

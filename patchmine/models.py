@@ -30,7 +30,14 @@ __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "model_names"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 # the embedded model's default layers, early to late: stage outputs, the head, the logits
-DEFAULT_LAYERS = ("_blocks.2.add", "_blocks.4.add", "_blocks.10.add", "_blocks.14.add", "_relu1", "_fc")
+DEFAULT_LAYERS = (
+    "_blocks.2.add",
+    "_blocks.4.add",
+    "_blocks.10.add",
+    "_blocks.14.add",
+    "_relu1",
+    "_fc",
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,10 +69,9 @@ def _is_none(weights: str | None) -> bool:
 
 
 def _load_checkpoint(module: nn.Module, path: Path) -> None:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {e}") from e
+    from patchmine.store import load_plain
+
+    sd = load_plain(path, "checkpoint", " (--weights takes a state dict of tensors)")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from patchmine.errors import UsageError, nearest
+from patchmine.errors import UsageError, differences, nearest
 
 if TYPE_CHECKING:
     from patchmine.corpus import Corpus
@@ -324,11 +324,7 @@ def _why_mine(p: Pipeline, corpus: Corpus, settings: dict) -> str | None:
     if recorded is None:
         return f"{_show(p.result)} was not made by a pipeline"
     recorded = json.loads(recorded)
-    changed = [
-        key
-        for key in sorted(set(settings) | set(recorded))
-        if settings.get(key) != recorded.get(key)
-    ]
+    changed = differences(recorded, settings, sorted(set(settings) | set(recorded)))
     if changed:
         what = []
         for key in changed:

@@ -277,11 +277,13 @@ class _Ref:
     state: Any
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+def _pair(v: Any, name: str | None = None) -> tuple[int, int]:
+    """(y, x) from an int or a sequence (one value: both axes); with ``name``, the value must be
+    one or two positive ints (ValueError naming it otherwise)."""
+    t = (v, v) if isinstance(v, int) else tuple(int(a) for a in v)
+    if name is not None and (len(t) not in (1, 2) or min(t) < 1):
+        raise ValueError(f"{name} must be two positive ints, got {v!r}")
+    return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
 
 
 def _window(st: _State, k, s, p, d=(1, 1)) -> _State:

@@ -1,7 +1,7 @@
 """Result files (HDF5 schema version 1) and checkpoints: the only module that touches h5py.
 
-Public names: FORMAT, VERSION, LayerData, write_result, Result, LayerResult, open_result,
-save_checkpoint, load_checkpoint, check_writable.
+Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result, Result,
+LayerResult, open_result, save_checkpoint, load_checkpoint, load_plain, check_writable, WriteError.
 
 Every write is atomic: data goes to a temporary file beside the target, which is renamed over it only
 when complete, so a reader sees a whole file or none.
@@ -15,28 +15,36 @@ import hashlib
 import io
 import os
 import re
-import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
 
+if TYPE_CHECKING:
+    from patchmine.corpus import Corpus
+    from patchmine.models import LoadedModel
+    from patchmine.patches import LayerPlan
+
 __all__ = [
     "FORMAT",
     "VERSION",
     "LayerData",
+    "layer_data",
+    "run_attrs",
+    "image_table",
     "write_result",
     "Result",
     "LayerResult",
     "open_result",
     "save_checkpoint",
     "load_checkpoint",
+    "load_plain",
     "check_writable",
     "WriteError",
 ]
@@ -65,6 +73,110 @@ class LayerData:
     heat: np.ndarray
     stats: dict[str, np.ndarray]
     stats_state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def layer_data(
+    plan: LayerPlan,
+    patch: np.ndarray,
+    heat: np.ndarray,
+    stats: dict[str, np.ndarray],
+    stats_state: dict[str, np.ndarray],
+    transform: np.ndarray,
+    start: int = 0,
+) -> LayerData:
+    """One mined layer as the file holds it: its winners' boxes (model input and original image).
+
+    Args:
+        plan: the layer's winners (score, image, yx, field), image indices global to the corpus.
+        patch, heat: (C, k, P, P, 3) and (C, k, H, W) from the second pass.
+        stats, stats_state: the layer's statistics and their mergeable state, as numpy arrays.
+        transform: (N, 3) every corpus image's transform (see ``/images/transform``).
+        start: the first image of this file (a shard's ``shard_start``); indices become local.
+    """
+    from patchmine.receptive import boxes, to_original  # torch: only writers pay for it
+
+    used = plan.image >= 0
+    bx = boxes(plan.field, plan.yx).astype(np.int32)
+    bx[~used] = 0
+    bo = np.full(bx.shape, np.nan, dtype=np.float32)
+    bo[used] = to_original(bx[used], transform[plan.image[used]])
+    f = plan.field
+    return LayerData(
+        attrs={
+            "channels": plan.score.shape[0],
+            "fmap_hw": list(plan.fmap_hw),
+            "rf_size": list(f.size),
+            "rf_stride": list(f.stride),
+            "rf_offset": list(f.offset),
+            "rf_whole": bool(f.whole),
+            "patch_size": plan.patch_size,
+        },
+        score=plan.score,
+        image=np.where(used, plan.image - start, -1),
+        yx=plan.yx,
+        box=bx,
+        box_orig=bo,
+        patch=patch,
+        heat=heat,
+        stats=stats,
+        stats_state=stats_state,
+    )
+
+
+def run_attrs(
+    model: LoadedModel,
+    corpus: Corpus,
+    *,
+    layers: list[str],
+    input_size: int,
+    k: int,
+    per_image: int,
+    rows: range,
+    n_failed: int,
+    shard: tuple[int, int] | None = None,
+) -> dict:
+    """The root attributes of a run's result file (``rows``: the corpus images it holds)."""
+    import datetime as _dt
+
+    import torch
+    import torchvision
+
+    import patchmine
+
+    attrs = {
+        "model": model.name,
+        "weights": model.weights,
+        "input_size": input_size,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "k": k,
+        "per_image": per_image,
+        "n_images": len(rows),
+        "n_failed": n_failed,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "patchmine_version": patchmine.__version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "corpus_roots": list(corpus.roots),
+        "layer_order": list(layers),
+        "corpus_fingerprint": corpus.fingerprint(),
+        "n_corpus": len(corpus),
+        "shard_start": rows.start,
+    }
+    if shard is not None:
+        attrs["shard"] = list(shard)
+    return attrs
+
+
+def image_table(corpus: Corpus, records: dict, rows: range) -> dict:
+    """``/images`` for the corpus images ``rows``: paths and roots from the corpus, the rest from
+    ``records`` (``shape``, ``ok``, ``transform``, ``error``, one entry per corpus image)."""
+    sl = slice(rows.start, rows.stop)
+    return {
+        "path": list(corpus.paths[sl]),
+        "root": np.asarray(corpus.root_index[sl]),
+        **{key: records[key][sl] for key in ("shape", "ok", "transform", "error")},
+    }
 
 
 class WriteError(OSError):
@@ -172,7 +284,7 @@ def write_result(
     path = Path(path)
     closed = True
     try:
-        with _quiet_h5py_dealloc(), _atomic(path) as tmp:
+        with _atomic(path) as tmp:
             f = h5py.File(tmp, "w", libver="latest")
             fd = f.id.get_vfd_handle()
             try:
@@ -189,32 +301,6 @@ def write_result(
         err.stuck = not closed
         raise err from e
     return path
-
-
-@contextlib.contextmanager
-def _quiet_h5py_dealloc() -> Iterator[None]:
-    """A failed write also fails in h5py's object destructors, which print a traceback each (through
-    sys.excepthook, then "Exception ignored in ... __dealloc__"); the write's own error says it in
-    one line."""
-    old_unraisable, old_except = sys.unraisablehook, sys.excepthook
-
-    def from_h5py(tb, obj=None) -> bool:
-        where = " ".join(f.filename for f in traceback.extract_tb(tb))
-        return "h5py" in repr(obj) + where
-
-    def unraisable(u) -> None:
-        if not from_h5py(u.exc_traceback, u.object):
-            old_unraisable(u)
-
-    def excepthook(kind, value, tb) -> None:
-        if not from_h5py(tb):
-            old_except(kind, value, tb)
-
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
-    try:
-        yield
-    finally:
-        sys.unraisablehook, sys.excepthook = old_unraisable, old_except
 
 
 def _abandon(f: h5py.File, fd: int, tmp: Path) -> bool:
@@ -503,17 +589,47 @@ def _digest(obj) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint; a damaged one is refused with a clear message."""
+def load_plain(path: str | os.PathLike, what: str = "checkpoint", hint: str = ""):
+    """``torch.load`` of a file that may only hold tensors and plain values (``weights_only``).
+
+    A file that names anything else (a class, a function: what a crafted pickle calls to run code
+    on load) is refused before any of it runs.
+
+    Args:
+        path: the file. what: how messages name it. hint: what the user can do, ending them.
+
+    Raises:
+        UsageError: such a file ("refused", naming what it calls), or an unreadable one ("damaged").
+    """
+    import pickle
+    import warnings
+
     import torch
 
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # scoped: torch warns about the pickle protocol of a damaged file; our error says enough
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(
-            f"checkpoint {path} is damaged ({type(e).__name__}); delete it to start over"
-        ) from None
+        found = (
+            re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        )
+        if found:
+            why = (
+                f"is refused: it names {found.group(1)}, which loading would call (only tensors "
+                "and plain values are loaded)"
+            )
+        else:
+            why = f"is damaged ({type(e).__name__})"
+        raise UsageError(f"{what} {path} {why}{hint}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint; a damaged one, or one that would run code on load, is refused clearly."""
+    path = Path(path)
+    state = load_plain(path, "checkpoint", "; delete it to start over")
     if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise UsageError(f"checkpoint {path} is not a patchmine checkpoint of this version")
     missing = [key for key in ("meta", "cursor") if key not in state]
@@ -521,5 +637,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UsageError(f"checkpoint {path} is damaged (no {', '.join(missing) or 'meta'})")
     digest = state.pop("digest", None)
     if digest is not None and digest != _digest(state):  # torch.load does not check tensor data
-        raise UsageError(f"checkpoint {path} is damaged (checksum mismatch); delete it to start over")
+        raise UsageError(
+            f"checkpoint {path} is damaged (checksum mismatch); delete it to start over"
+        )
     return state

@@ -1,6 +1,6 @@
 """Activations of named graph nodes, via torchvision's FX feature extraction.
 
-Public names: layer_names, node_shapes, resolve_layers, default_layers, Tap.
+Public names: layer_names, node_shapes, resolve_layers, default_layers, Layers, select_layers, Tap.
 
 Layer names are the dotted FX node names torchvision's ``get_graph_node_names`` reports (``features.3``,
 ``layer1.0.relu_1``, ``add_3``), never re-joined with ``_``.
@@ -9,14 +9,24 @@ Layer names are the dotted FX node names torchvision's ``get_graph_node_names`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
+from patchmine.receptive import Field, receptive_fields
 
-__all__ = ["layer_names", "node_shapes", "resolve_layers", "default_layers", "Tap"]
+__all__ = [
+    "layer_names",
+    "node_shapes",
+    "resolve_layers",
+    "default_layers",
+    "Layers",
+    "select_layers",
+    "Tap",
+]
 
 # Batches are padded to a multiple of this many images before the forward pass: CPU kernels pick code
 # paths by batch size (a batch of 1, or a GEMM row remainder), so an unpadded forward could change an
@@ -75,6 +85,57 @@ def default_layers(shapes: dict[str, tuple[int, ...]], count: int = 5) -> list[s
         step = (len(picks) - 1) / (count - 1)
         picks = [picks[round(i * step)] for i in range(count)]
     return picks
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The nodes a run mines, in order, with what the collectors and the file need of each.
+
+    Attributes:
+        names: node names, as given (duplicates dropped) or the defaults.
+        shapes: node -> per-image output shape, (C, H, W) or (C,).
+        fields: node -> its receptive field.
+    """
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    fields: dict[str, Field]
+
+    def fmap_hw(self, name: str) -> tuple[int, int]:
+        """(H, W) of a node's map; (1, 1) for a node with output (N, C)."""
+        s = self.shapes[name]
+        return (s[1], s[2]) if len(s) == 3 else (1, 1)
+
+
+def select_layers(
+    model: nn.Module,
+    input_size: int,
+    layers: Sequence[str] | None = None,
+    defaults: Sequence[str] = (),
+) -> Layers:
+    """Check the asked-for nodes (or pick the defaults) and learn their shapes and fields.
+
+    Args:
+        model: the network (traced and run once on a zero input for shapes, once for fields).
+        input_size: the square input side.
+        layers: node names; ``None`` or empty for ``defaults``, else the last node of each map size.
+        defaults: the model's own default nodes (see ``LoadedModel.default_layers``).
+
+    Raises:
+        UnknownNameError: a name that is not a minable node (the nearest ones are listed).
+        UsageError: a node whose receptive field cannot be represented (naming where it was lost).
+    """
+    every = node_shapes(model, input_size)
+    fields = receptive_fields(model, input_size)  # the nodes that have a field
+    shapes = {n: s for n, s in every.items() if n in fields}
+    for name in layers or ():
+        if name in every and name not in fields:  # raises, saying where the field was lost
+            receptive_fields(model, input_size, [name])
+    if layers:
+        names = resolve_layers(shapes, layers)
+    else:
+        names = list(defaults) or default_layers(shapes)
+    return Layers(names, {n: shapes[n] for n in names}, {n: fields[n] for n in names})
 
 
 class Tap(nn.Module):

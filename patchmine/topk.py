@@ -28,19 +28,28 @@ from __future__ import annotations
 import torch
 
 from patchmine.maps import Maps, locate, reduce_maps
+from patchmine.receptive import _pair
 
-__all__ = ["TopK"]
+__all__ = ["TopK", "entry_key"]
 
 _VERSION = 1
 _NONE = torch.iinfo(torch.int64).max  # key of an unused slot: sorts after every real entry
 _NEG_INF = float("-inf")
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(int(a) for a in v)
-    if len(t) != 2 or min(t) < 1:
-        raise ValueError(f"{name} must be two positive ints, got {v!r}")
-    return t
+def entry_key(image, yx, fmap_hw: tuple[int, int]):
+    """The key of entries (image, location): ``image * H * W + y * W + x``, ties' second order.
+
+    Args:
+        image: (...) int64 corpus indices (numpy or torch).
+        yx: (..., 2) locations in the (H, W) feature map, of the same kind.
+        fmap_hw: (H, W).
+
+    Returns:
+        (...) int64 keys (unused slots, image -1, are the caller's to mask).
+    """
+    H, W = fmap_hw
+    return image * (H * W) + yx[..., 0] * W + yx[..., 1]
 
 
 def _sort_entries(chan, score, key):
@@ -334,12 +343,11 @@ class TopK:
                              f"(expected {_VERSION})")
         self._check_same(sd, "the state dict")
         C, k = self.channels, self.k
-        H, W = self.fmap_hw
         score = torch.as_tensor(sd["score"], dtype=torch.float32).reshape(C, k)
         image = torch.as_tensor(sd["image"], dtype=torch.int64).reshape(C, k)
         yx = torch.as_tensor(sd["yx"], dtype=torch.int64).reshape(C, k, 2)
         unused = image < 0
-        key = image * (H * W) + yx[..., 0] * W + yx[..., 1]
+        key = entry_key(image, yx, self.fmap_hw)
         self._score = score.masked_fill(unused, _NEG_INF).reshape(-1).to(self.device)
         self._key = key.masked_fill(unused, _NONE).reshape(-1).to(self.device)
         self._pending, self._npending = [], 0
@@ -350,6 +358,24 @@ class TopK:
         tk = cls(sd["channels"], sd["k"], sd["per_image"], tuple(sd["fmap_hw"]),
                  tuple(sd["rf_size"]), tuple(sd["rf_stride"]), device=device)
         tk.load_state_dict(sd)
+        return tk
+
+    @classmethod
+    def from_result(cls, score, image, yx, *, per_image: int = 1,
+                    fmap_hw: tuple[int, int] = (1, 1), rf_size: tuple[int, int] = (1, 1),
+                    rf_stride: tuple[int, int] = (1, 1), device="cpu") -> TopK:
+        """A collector that holds a stored result (a file's score / image / yx, as `result` gives).
+
+        Args:
+            score: (C, k) float32, image: (C, k) int64 (-1 unused), yx: (C, k, 2) ints; numpy
+                arrays or tensors.
+            per_image, fmap_hw, rf_size, rf_stride, device: as for the constructor.
+        """
+        score = torch.as_tensor(score)
+        C, k = score.shape
+        tk = cls(C, k, per_image, fmap_hw, rf_size, rf_stride, device=device)
+        tk.load_state_dict({**tk._config(), "version": _VERSION, "score": score,
+                            "image": torch.as_tensor(image), "yx": torch.as_tensor(yx)})
         return tk
 
     def to(self, device) -> TopK:

@@ -17,7 +17,7 @@ from patchmine.corpus import CorpusDataset, discover
 from patchmine.errors import UsageError
 from patchmine.mine import mine
 from patchmine.models import load_model
-from patchmine.receptive import boxes, receptive_fields
+from patchmine.receptive import receptive_fields
 from patchmine.taps import Tap
 from tests.conftest import assert_same_file, write_corpus
 
@@ -31,6 +31,25 @@ CASES = {
 def _model(case, tiny_model):
     name, layers, size = CASES[case]
     return (name or tiny_model), layers, size
+
+
+# The tiny net's fields by hand (DESIGN.md rules): conv1 5x5/2 pad 2 -> r 5, j 2, o -2; pool 3x3/2
+# pad 1 -> r 5 + 2*2 = 9, j 4, o -2 - 1*2 = -4; conv2 3x3 pad 1 -> r 17, o -8; conv3 -> r 25, o -12;
+# add = the union (r 25, o -12); head after global pooling: the whole input.
+TINY_FIELDS = {
+    "pool": ((9, 9), (4, 4), (-4, -4)),
+    "add": ((25, 25), (4, 4), (-12, -12)),
+    "head": "whole",
+}
+
+
+def _box(field, y: int, x: int, size: int) -> tuple[int, int, int, int]:
+    """Unit (y, x)'s box written out: rows [y*stride + offset, y*stride + offset + size), the
+    same for columns; the whole input for a whole-input field."""
+    if field.whole:
+        return (0, 0, size, size)
+    (ry, rx), (jy, jx), (oy, ox) = field.size, field.stride, field.offset
+    return (y * jy + oy, x * jx + ox, y * jy + oy + ry, x * jx + ox + rx)
 
 
 def _iou(a, b) -> float:
@@ -63,7 +82,7 @@ def brute_force(model, layers, size, corpus_dir, k, per_image):
     for n in layers:
         a = np.stack(acts[n])  # (N, C, H, W)
         _, c, h, w = a.shape
-        loc_boxes = boxes(fields[n], np.stack(np.divmod(np.arange(h * w), w), -1))
+        loc_boxes = [_box(fields[n], *divmod(j, w), size) for j in range(h * w)]
         score = np.full((c, k), np.nan, np.float32)
         image = np.full((c, k), -1, np.int64)
         yx = np.zeros((c, k, 2), np.int32)
@@ -93,6 +112,9 @@ def test_matches_brute_force_and_is_invariant(tmp_path, corpus_dir, tiny_model, 
     model, layers, size = _model(case, tiny_model)
     k = 4
     ref, fields = brute_force(model, layers, size, corpus_dir, k, per_image)
+    if case == "tiny":  # the fields the boxes below are built from, against the hand derivation
+        got = {n: "whole" if f.whole else (f.size, f.stride, f.offset) for n, f in fields.items()}
+        assert got == TINY_FIELDS
     outs = []
     for bs, workers in [(16, 0), (3, 2), (1, 0)]:
         out = tmp_path / f"b{bs}w{workers}.h5"
@@ -121,7 +143,8 @@ def test_matches_brute_force_and_is_invariant(tmp_path, corpus_dir, tiny_model, 
             assert np.array_equal(lr.image, image), n
             used = image >= 0
             assert np.array_equal(lr.yx[used], yx[used]), n
-            assert np.array_equal(lr.box[used], boxes(fields[n], yx[used])), n
+            want = [_box(fields[n], y, x, size) for y, x in yx[used].tolist()]
+            assert lr.box[used].tolist() == [list(b) for b in want], n
             st = lr.stats()
             assert np.array_equal(st["count"], np.full(a.shape[1], a[:, 0].size))
             assert np.array_equal(st["max"], a.max(axis=(0, 2, 3)))

@@ -12,9 +12,9 @@ process that imports patchmine once and forks a fresh child per command line (``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -203,9 +203,7 @@ def test_zoo_is_mined_and_bad_files_are_recorded(tmp_path, tiny_model, monkeypat
         return corpus
 
     monkeypatch.setattr(mine_mod, "discover", discover_then_delete)
-    t0 = time.perf_counter()
-    s = _mine([zoo], tmp_path / "zoo.h5", tiny_model, workers=2)
-    assert time.perf_counter() - t0 < 60  # the bomb headers are refused, never decoded
+    s = _mine([zoo], tmp_path / "zoo.h5", tiny_model, workers=2)  # bombs: refused by their header
     _mine([alone], tmp_path / "good.h5", tiny_model)
 
     assert s.n_images == len(good) + len(bad) and s.n_failed == len(bad)
@@ -404,14 +402,7 @@ def cli_results(tmp_path_factory, tiny_model):
     }
     if not torch.cuda.is_available():
         cases["no CUDA"] = [*mine_, "--device", "cuda"]
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    missing = {c for c in ("render", "merge") if c not in commands.choices}
-    cases = {n: a for n, a in cases.items() if n.split(":")[0] not in missing}
-    t0 = time.perf_counter()
     results = _cli_many(cases, d)
-    results["_seconds"] = time.perf_counter() - t0
-    results["_missing"] = missing
     results["_dir"] = d
     return results
 
@@ -458,8 +449,6 @@ USAGE = {  # case -> words the one line on stderr must hold
 
 @pytest.mark.parametrize("case", list(USAGE))
 def test_bad_usage_is_one_line_and_exit_2(cli_results, case):
-    if case.split(":")[0] in cli_results["_missing"]:
-        pytest.skip(f"no `patchmine {case.split(':')[0]}` subcommand yet")
     if case not in cli_results:
         pytest.skip("CUDA is available here")
     code, out, err = cli_results[case]
@@ -492,10 +481,6 @@ def test_force_and_odd_names_succeed(cli_results):
     assert code == 0 and "Traceback" not in err, err
     assert "mined 2 of 3 images" in out
     assert _safe(os.fsdecode(NON_UTF8_BAD)) in out  # printed escaped, stdout strict UTF-8
-
-
-def test_cli_cases_are_cheap(cli_results):
-    assert cli_results["_seconds"] < 120, cli_results["_seconds"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -693,6 +678,45 @@ def test_damaged_checkpoints_are_refused(tmp_path, fault_corpus, tiny_model):
     torch.save({"checkpoint_version": 99, "meta": {}, "cursor": 0}, ckpt)
     with pytest.raises(UsageError, match="not a patchmine checkpoint of this version"):
         store.load_checkpoint(ckpt)
+
+
+class _RunsCode:
+    """Unpickling this object runs code: it creates the file ``marker`` (as an attacker's would)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, fault_corpus, tiny_model, capsys):
+    corpus, _ = fault_corpus
+    out, marker = tmp_path / "run.h5", tmp_path / "pwned"
+    ckpt = _make_checkpoint(corpus, out, tiny_model)
+    state = torch.load(ckpt, weights_only=True)  # a real checkpoint, plus one crafted object
+    torch.save({**state, "cursor": _RunsCode(marker)}, ckpt)
+    with pytest.raises(UsageError, match=r"refused: it names (builtins\.)?exec\b"):
+        store.load_checkpoint(ckpt)
+    argv = ["mine", str(corpus), "--out", str(out), "--model", tiny_model, *MINE_ARGS, "-j", "0"]
+    assert cli.main([*argv, "--layers", "pool", "-k", "3", "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "patchmine mine: error: checkpoint" in lines[0] and str(ckpt) in lines[0], lines
+    assert "refused" in lines[0] and "delete it" in lines[0], lines
+    assert not marker.exists()  # the code did not run
+    assert ckpt.exists() and not out.exists()
+
+
+def test_weights_file_that_runs_code_is_refused(tmp_path, tiny_model, capsys):
+    weights, marker = tmp_path / "w.pt", tmp_path / "pwned"
+    torch.save({"conv1.weight": _RunsCode(marker)}, weights)
+    assert cli.main(["layers", tiny_model, "--weights", str(weights), "--input-size", "64"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "patchmine layers: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
+    assert re.search(r"refused: it names (builtins\.)?exec\b", lines[0]), lines
+    assert not marker.exists()
 
 
 def test_output_checks_before_any_work(tmp_path, tiny_model, monkeypatch):
