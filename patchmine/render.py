@@ -656,10 +656,11 @@ def _context(ch: _Channel, originals: _Originals) -> Image.Image:
         im.paste(thumb, (ox, oy))
         h, w = (float(v) for v in result.image_shape[rec["image"]])
         s = thumb.width / w if w > 0 else 1.0
-        sc, ty, tx = (float(v) for v in result.image_transform[rec["image"]])
-        if sc > 0 and info.input_size and not info.whole:  # the square the network saw
-            cy0, cx0 = ty / sc * s, tx / sc * s
-            cy1, cx1 = (info.input_size + ty) / sc * s, (info.input_size + tx) / sc * s
+        t = [float(v) for v in result.image_transform[rec["image"]]]
+        sc, ty, tx, sx = t if len(t) == 4 else (*t, t[0])  # older files: one scale
+        if sc > 0 and sx > 0 and info.input_size and not info.whole:  # the square the network saw
+            cy0, cx0 = ty / sc * s, tx / sx * s
+            cy1, cx1 = (info.input_size + ty) / sc * s, (info.input_size + tx) / sx * s
             if cy0 > 1 or cx0 > 1 or cy1 < thumb.height - 1 or cx1 < thumb.width - 1:
                 draw.rectangle(
                     (ox + cx0, oy + cy0, ox + cx1 - 1, oy + cy1 - 1),

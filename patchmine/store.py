@@ -161,7 +161,7 @@ def write_result(
     Args:
         attrs: root attributes (format and version are added).
         images: ``path`` (N,) str, ``root`` (N,) int16, ``shape`` (N,2), ``ok`` (N,), ``transform``
-            (N,3), ``error`` (N,) str.
+            (N,4), ``error`` (N,) str.
         layers: node name -> LayerData.
         should_stop: checked between channels; when true, the write is abandoned (nothing appears
             at ``path``) and KeyboardInterrupt raised.
@@ -173,7 +173,9 @@ def write_result(
     closed = True
     try:
         with _quiet_h5py_dealloc(), _atomic(path) as tmp:
-            f = h5py.File(tmp, "w", libver="latest")
+            # HDF5 1.8 object headers (attributes over 64 KiB), nothing newer than 1.10: with
+            # "latest", HDF5 2.0 encodes bool and float16 in forms 1.10-era tools cannot read
+            f = h5py.File(tmp, "w", libver=("v108", "v110"))
             fd = f.id.get_vfd_handle()
             try:
                 _write_file(f, attrs, images, layers, should_stop)
@@ -251,7 +253,8 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
     g.create_dataset(
-        "transform", data=np.asarray(images["transform"], dtype=np.float32).reshape(-1, 3)
+        "transform",
+        data=np.asarray(images["transform"], dtype=np.float32).reshape(len(images["path"]), -1),
     )
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     lg = f.create_group("layers")
