@@ -200,7 +200,12 @@ def test_transform_is_exact_per_axis():
     own scale: on a ramp whose grey level is the original x (or y) coordinate, an input pixel's
     value is its center's original coordinate (to the 8-bit rounding), across the whole crop. One
     scale for both axes would be off by up to a model-input pixel on the long side."""
-    for h, w, s, r in [(181, 250, 64, 64), (250, 181, 64, 64), (97, 230, 64, 80), (200, 255, 224, 256)]:
+    for h, w, s, r in [
+        (181, 250, 64, 64),
+        (250, 181, 64, 64),
+        (97, 230, 64, 80),
+        (200, 255, 224, 256),
+    ]:
         ramp_x = np.broadcast_to(np.arange(w, dtype=np.uint8)[None, :, None], (h, w, 3))
         ramp_y = np.broadcast_to(np.arange(h, dtype=np.uint8)[:, None, None], (h, w, 3))
         for axis, ramp in ((1, ramp_x), (0, ramp_y)):
@@ -241,4 +246,6 @@ def test_pixel_equal_to_torchvision_on_shared_photos(r):
     for path in files:
         with Image.open(path) as im:
             img = im.convert("RGB")
-        assert np.array_equal(preprocess(load_rgb(path), 224, r)[0], _torchvision(img, 224, r)), path
+        assert np.array_equal(preprocess(load_rgb(path), 224, r)[0], _torchvision(img, 224, r)), (
+            path
+        )
