@@ -252,10 +252,8 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
     g.create_dataset("root", data=np.asarray(images["root"], dtype=np.int16))
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
-    g.create_dataset(
-        "transform",
-        data=np.asarray(images["transform"], dtype=np.float32).reshape(len(images["path"]), -1),
-    )
+    transform = np.asarray(images["transform"], dtype=np.float32)  # (N,4); (N,3) merged from old
+    g.create_dataset("transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4))
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     lg = f.create_group("layers")
     for name, d in layers.items():
