@@ -136,7 +136,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     try:
         summary = mine(
             args.corpus, args.out, model=args.model, weights=args.weights, layers=args.layers,
-            k=args.k, per_image=args.per_image, input_size=args.input_size,
+            k=args.k, per_image=args.per_image, input_size=args.input_size, resize=args.resize,
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
@@ -198,7 +198,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     with open_result(args.file) as r:
         a = r.attrs
         print(f"{r.path}: patchmine result, schema version {a['version']}")
-        print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}")
+        resize = f" (resize {a['resize']})" if "resize" in a else ""
+        print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}{resize}")
         print(f"  top-k      k={a['k']}  per_image={a['per_image']}")
         print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
               + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", type=_nonneg, default=None,
                    help="decoding worker processes (default: cores - 1, at most 4)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--resize", type=_positive, default=None, metavar="R",
+                   help="shorter side before the center crop, as torchvision's Resize(R) + "
+                   "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
     p.add_argument("--patch-size", type=_positive, default=96,
                    help="largest stored patch side; larger fields are resampled (default 96)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -1,7 +1,7 @@
 """Image corpora: discover files, decode them robustly, preprocess, record each image's geometry.
 
-Public names: IMAGE_EXTENSIONS, Corpus, discover, load_rgb, preprocess, CorpusDataset, make_loader,
-printable.
+Public names: IMAGE_EXTENSIONS, Corpus, discover, load_rgb, preprocess, resized_size, CorpusDataset,
+make_loader, printable.
 
 A corpus is an ordered list of files under one or more roots. The order is part of the result (ties
 between equal activations break by corpus index), so discovery is sorted and stable. A file that
@@ -33,6 +33,7 @@ __all__ = [
     "discover",
     "load_rgb",
     "preprocess",
+    "resized_size",
     "CorpusDataset",
     "make_loader",
     "printable",
@@ -175,39 +176,97 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Resize the shorter side to ``size`` and center-crop ``size`` x ``size``.
+def resized_size(h: int, w: int, resize: int) -> tuple[int, int]:
+    """The (height, width) torchvision's ``Resize(resize)`` gives an ``h`` x ``w`` image: the shorter
+    side becomes ``resize``, the longer ``int(resize * long / short)`` (truncated, as torchvision's
+    ``_compute_resized_output_size`` does)."""
+    if w <= h:
+        return int(resize * h / w), resize
+    return resize, int(resize * w / h)
 
-    An image that is already ``size`` x ``size`` passes through pixel-exact; one whose shorter side is
-    already ``size`` is only cropped. The crop and resize are one resampling step (Pillow's bilinear,
-    antialiased when shrinking).
+
+def _crop_start(n: int, size: int) -> int:
+    """torchvision's ``CenterCrop`` start along one axis of length ``n``: ``round((n - size) / 2)``
+    (Python's round, half to even); where ``n < size`` it pads ``(size - n) // 2`` zeros before."""
+    if size > n:
+        return -((size - n) // 2)
+    return int(round((n - size) / 2.0))
+
+
+# Above this many pixels the resized image is not made whole (a 1 x 5000 strip would become
+# 224 x 1.1M): the crop is resampled straight from the original instead, which can differ from
+# torchvision in the last grey level. Every image with an aspect ratio below ~300:1 stays exact.
+_WHOLE_RESIZE_PIXELS = 1 << 24
+
+
+def preprocess(
+    image: Image.Image, size: int, resize: int | None = None
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a PIL image, pixel for pixel.
+
+    The shorter side is resized to ``resize`` (default ``size``; Pillow's bilinear, antialiased when
+    shrinking), the longer to ``int(resize * long / short)``, then the ``size`` x ``size`` center is
+    cut at ``round((n - size) / 2)``, zero-padded where the resized image is smaller. An image whose
+    size the resize leaves unchanged (a ``size`` x ``size`` one with ``resize == size``) is only
+    cropped: it passes through pixel-exact.
 
     Returns:
         pixels: (size, size, 3) uint8.
-        transform: (scale, offset_y, offset_x) with ``original = (input + offset) / scale``.
+        transform: ``(scale_y, offset_y, offset_x, scale_x)``, per axis
+            ``original = (input + offset) / scale``. The two scales differ slightly where the long
+            side's length was truncated; the first three are the 3-column transform of older files.
     """
+    r = size if resize is None else int(resize)
+    if r < 1 or size < 1:
+        raise ValueError(f"sizes must be positive, got size={size} resize={resize}")
     w, h = image.size
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    if scale == 1.0:
-        out = image.crop((left, top, left + size, top + size))
+    nh, nw = resized_size(h, w, r)
+    top, left = _crop_start(nh, size), _crop_start(nw, size)
+    transform = (nh / h, float(top), float(left), nw / w)
+    box = (left, top, left + size, top + size)
+    if (nh, nw) == (h, w):
+        out = image.crop(box)  # Pillow fills outside the image with zeros, as torchvision pads
+    elif nh * nw <= _WHOLE_RESIZE_PIXELS:
+        out = image.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)
     else:
-        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-        out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(out, dtype=np.uint8), (float(scale), float(top), float(left))
+        out = _resample_crop(image, (nh, nw), box)
+    return np.asarray(out, dtype=np.uint8), transform
+
+
+def _resample_crop(
+    image: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int]
+) -> Image.Image:
+    """The part of ``image.resize(resized)`` inside ``box``, resampled straight from the original."""
+    w, h = image.size
+    nh, nw = resized
+    x0, y0, x1, y1 = box
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, nw), min(y1, nh)
+    out = Image.new(image.mode, (x1 - x0, y1 - y0))
+    if ix1 > ix0 and iy1 > iy0:
+        src = (ix0 * w / nw, iy0 * h / nh, ix1 * w / nw, iy1 * h / nh)
+        part = image.resize((ix1 - ix0, iy1 - iy0), Image.Resampling.BILINEAR, box=src)
+        out.paste(part, (ix0 - x0, iy0 - y0))
+    return out
 
 
 class CorpusDataset(Dataset):
     """Decoded, preprocessed images of a corpus; never raises for a bad file.
 
     Each item is a dict: ``index`` (global corpus index), ``pixels`` (3, S, S) uint8, ``ok`` bool,
-    ``shape`` (2,) int32 original height/width, ``transform`` (3,) float32, ``error`` str.
+    ``shape`` (2,) int32 original height/width, ``transform`` (4,) float32 (see `preprocess`),
+    ``error`` str. ``resize`` (default ``size``) is the shorter side before the center crop.
     """
 
-    def __init__(self, corpus: Corpus, size: int, indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        corpus: Corpus,
+        size: int,
+        indices: Sequence[int] | None = None,
+        resize: int | None = None,
+    ):
         self.corpus = corpus
         self.size = size
+        self.resize = size if resize is None else resize
         self.indices = list(range(len(corpus))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -219,7 +278,7 @@ class CorpusDataset(Dataset):
         try:
             img = load_rgb(self.corpus.file(i))
             shape = (img.height, img.width)
-            pixels, transform = preprocess(img, s)
+            pixels, transform = preprocess(img, s, self.resize)
             return {
                 "index": i,
                 "pixels": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
@@ -236,7 +295,7 @@ class CorpusDataset(Dataset):
                 "pixels": torch.zeros(3, s, s, dtype=torch.uint8),
                 "ok": False,
                 "shape": torch.zeros(2, dtype=torch.int32),
-                "transform": torch.zeros(3, dtype=torch.float32),
+                "transform": torch.zeros(4, dtype=torch.float32),
                 "error": reason or type(e).__name__,
             }
 

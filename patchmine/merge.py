@@ -37,6 +37,7 @@ _SAME = [
     ("k", "k"),
     ("per_image", "per-image"),
     ("input_size", "input size"),
+    ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
     ("std", "preprocessing (std)"),
     ("n_corpus", "corpus size"),

@@ -161,10 +161,12 @@ class Miner:
         shard: tuple[int, int] | None = None,
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
+        resize: int | None = None,
     ):
         self.corpus = corpus
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
+        self.resize = input_size if resize is None else resize
         self.patch_size, self.shard = patch_size, shard
         n = len(corpus)
         self.start, self.stop = (0, n) if shard is None else _shard_range(n, *shard)
@@ -202,7 +204,7 @@ class Miner:
         self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
         self.ok = np.zeros(n, dtype=bool)
         self.shape = np.zeros((n, 2), dtype=np.int32)
-        self.transform = np.zeros((n, 3), dtype=np.float32)
+        self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
 
     @property
@@ -216,6 +218,7 @@ class Miner:
             "k": self.k,
             "per_image": self.per_image,
             "input_size": self.input_size,
+            "resize": self.resize,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -264,7 +267,9 @@ class Miner:
             return
         dev = self.device
         loader = make_loader(
-            CorpusDataset(self.corpus, self.input_size, range(self.cursor, self.span.stop)),
+            CorpusDataset(
+                self.corpus, self.input_size, range(self.cursor, self.span.stop), self.resize
+            ),
             batch_size,
             workers,
             pin_memory=dev.type == "cuda",
@@ -384,6 +389,7 @@ class Miner:
             self.corpus,
             layers=self.layers,
             input_size=self.input_size,
+            resize=self.resize,
             k=self.k,
             per_image=self.per_image,
             rows=rows,
@@ -433,6 +439,7 @@ class Miner:
                 self.device,
                 progress,
                 should_stop,
+                resize=self.resize,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -486,6 +493,7 @@ def mine(
     progress: bool = True,
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
+    resize: int | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -496,6 +504,8 @@ def mine(
         layers: node names (``patchmine layers MODEL``); default: the last node of each map size.
         k: entries kept per channel. per_image: entries one image may contribute per channel.
         input_size: images are resized (shorter side) and center-cropped to this square.
+        resize: the shorter side before the center crop (default ``input_size``), as torchvision's
+            ``Resize(resize)`` + ``CenterCrop(input_size)``; 256 for torchvision's ImageNet weights.
         batch_size, workers, device: how the first pass runs (the result does not depend on them).
         resume: continue from ``out``'s checkpoint after an interruption.
         checkpoint_every: save the collectors every this many batches (0: never).
@@ -518,6 +528,8 @@ def mine(
     ]:
         if v < 1:
             raise UsageError(f"{what} must be at least 1, got {v}")
+    if resize is not None and resize < 1:
+        raise UsageError(f"resize must be at least 1, got {resize}")
     out = store.check_writable(out, force=force, resume=resume)
     team = distributed.from_env(device)  # under torchrun: one rank of several
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
@@ -537,6 +549,7 @@ def mine(
         shard=shard,
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
+        resize=resize,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

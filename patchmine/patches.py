@@ -118,8 +118,11 @@ def second_pass(
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     atol: float = 1e-4,
+    resize: int | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
+
+    ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
 
     Returns:
         node -> (patch (C, k, P', P', 3) uint8, heat (C, k, H, W) float16), memory-mapped in
@@ -148,7 +151,7 @@ def second_pass(
     if not ids:
         return out
     loader = make_loader(
-        CorpusDataset(corpus, input_size, ids),
+        CorpusDataset(corpus, input_size, ids, resize),
         batch_size,
         workers,
         pin_memory=device.type == "cuda",

@@ -14,7 +14,7 @@ A pipeline file has three tables whose keys are the long options of the matching
     [mine]                                     # `patchmine mine` options
     out = "../out/demo.h5"                     # the result file (required)
     model = "efficientnet_lite0"               # model, weights, layers, k, per_image, input_size,
-    layers = ["_blocks.2.add", "_fc"]          # patch_size, batch_size, workers, device
+    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, batch_size, workers, device
     k = 9
 
     [render]                                   # optional: `patchmine render` options
@@ -29,7 +29,7 @@ Each step runs only when it is out of date, like make:
 - corpus (only with a recipe): its first folder lacks the marker the last build left, or the recipe
   changed since (the marker holds the recipe's SHA-256). The recipe itself should be idempotent.
 - mine: the result file is missing, was not made by a pipeline, its recorded settings (model,
-  weights, layers, k, per_image, input_size, patch_size, the corpus file list, the model file and
+  weights, layers, k, per_image, input_size, resize, patch_size, the corpus file list, the model file and
   checkpoint) differ from the pipeline's, or a corpus image is newer than it. Settings that do not
   change the result (batch_size, workers, device) never re-run it. The settings are stored as JSON
   in the result's root attribute ``pipeline_settings``.
@@ -86,6 +86,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "k": ("int", False, "entries per channel"),
         "per_image": ("int", False, "entries one image may give a channel"),
         "input_size": ("int", False, "input side"),
+        "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
@@ -101,7 +102,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
 _TABLES = ("corpus", "mine", "render")
 _REQUIRED_TABLES = ("corpus", "mine")
 # [mine] keys the result depends on; batch_size, workers and device do not change it (DESIGN.md)
-_RESULT_KEYS = ("model", "weights", "layers", "k", "per_image", "input_size", "patch_size")
+_RESULT_KEYS = (
+    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size"
+)
 
 
 @dataclass(frozen=True)

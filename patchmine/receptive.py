@@ -200,9 +200,9 @@ def pixel_centers(box: Sequence[float], n: int) -> np.ndarray:
 
 def _affine(transform: Any) -> tuple[np.ndarray, np.ndarray]:
     t = _numpy(transform).astype(np.float64)
-    if t.shape[-1:] != (3,):
-        raise ValueError(f"transform must have shape (..., 3), got {t.shape}")
-    scale = t[..., 0:1]
+    if t.shape[-1:] not in ((3,), (4,)):
+        raise ValueError(f"transform must have shape (..., 3) or (..., 4), got {t.shape}")
+    scale = t[..., [0, 3, 0, 3]] if t.shape[-1] == 4 else t[..., 0:1]
     offset = t[..., [1, 2, 1, 2]]
     return scale, offset
 
@@ -212,8 +212,9 @@ def to_original(box: Any, transform: Any, dtype: Any = np.float32) -> np.ndarray
 
     Args:
         box: ``(..., 4)`` boxes ``(y0, x0, y1, x1)`` in model-input pixels.
-        transform: ``(..., 3)`` per image ``(scale, offset_y, offset_x)`` with
-            ``original = (input + offset) / scale``; broadcast against ``box[..., 0]``.
+        transform: ``(..., 4)`` per image ``(scale_y, offset_y, offset_x, scale_x)`` with, per axis,
+            ``original = (input + offset) / scale`` (or ``(..., 3)``, one scale for both axes, as
+            older files hold it); broadcast against ``box[..., 0]``.
         dtype: of the result: float32 as the file stores ``box_orig``, or float64 (computed in
             float64 either way).
 
@@ -232,7 +233,7 @@ def to_input(box_orig: Any, transform: Any) -> np.ndarray:
 
     Args:
         box_orig: ``(..., 4)`` boxes ``(y0, x0, y1, x1)`` in original-image pixels.
-        transform: ``(..., 3)`` ``(scale, offset_y, offset_x)`` as in ``to_original``.
+        transform: ``(..., 4)`` or ``(..., 3)`` as in ``to_original``.
 
     Returns:
         ``(..., 4)`` float32 boxes in model-input pixels: ``input = original * scale - offset``.

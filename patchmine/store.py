@@ -129,6 +129,7 @@ def run_attrs(
     *,
     layers: list[str],
     input_size: int,
+    resize: int,
     k: int,
     per_image: int,
     rows: range,
@@ -147,6 +148,7 @@ def run_attrs(
         "model": model.name,
         "weights": model.weights,
         "input_size": input_size,
+        "resize": resize,
         "mean": list(model.mean),
         "std": list(model.std),
         "k": k,
@@ -273,7 +275,7 @@ def write_result(
     Args:
         attrs: root attributes (format and version are added).
         images: ``path`` (N,) str, ``root`` (N,) int16, ``shape`` (N,2), ``ok`` (N,), ``transform``
-            (N,3), ``error`` (N,) str.
+            (N,4), ``error`` (N,) str.
         layers: node name -> LayerData.
         should_stop: checked between channels; when true, the write is abandoned (nothing appears
             at ``path``) and KeyboardInterrupt raised.
@@ -285,7 +287,9 @@ def write_result(
     closed = True
     try:
         with _atomic(path) as tmp:
-            f = h5py.File(tmp, "w", libver="latest")
+            # HDF5 1.8 object headers (attributes over 64 KiB), nothing newer than 1.10: with
+            # "latest", HDF5 2.0 encodes bool and float16 in forms 1.10-era tools cannot read
+            f = h5py.File(tmp, "w", libver=("v108", "v110"))
             fd = f.id.get_vfd_handle()
             try:
                 _write_file(f, attrs, images, layers, should_stop)
@@ -336,9 +340,8 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
     g.create_dataset("root", data=np.asarray(images["root"], dtype=np.int16))
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
-    g.create_dataset(
-        "transform", data=np.asarray(images["transform"], dtype=np.float32).reshape(-1, 3)
-    )
+    transform = np.asarray(images["transform"], dtype=np.float32)  # (N,4); (N,3) merged from old
+    g.create_dataset("transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4))
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     lg = f.create_group("layers")
     for name, d in layers.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "imagenet-sample-500"
+SHARED_CORPUS = Path(
+    os.environ.get("PATCHMINE_SHARED_CORPUS")  # a worktree elsewhere can point at it
+    or Path(__file__).resolve().parents[2] / "shared" / "corpus" / "imagenet-sample-500"
+)
 
 
 def make_image(seed: int, size: tuple[int, int]) -> Image.Image:

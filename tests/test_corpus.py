@@ -6,11 +6,15 @@ import io
 
 import numpy as np
 import pytest
+import torchvision.transforms as T
 from PIL import Image
+from torchvision.transforms.functional import _compute_resized_output_size
 
+from patchmine import corpus as corpus_module
 from patchmine.corpus import CorpusDataset, discover, load_rgb, make_loader, preprocess
 from patchmine.errors import UsageError
 from patchmine.receptive import to_input, to_original
+from tests.conftest import SHARED_CORPUS
 
 
 def _photo(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -65,13 +69,13 @@ def test_passthrough_is_pixel_exact():
     img = _photo(224, 224)
     pixels, transform = preprocess(img, 224)
     assert np.array_equal(pixels, np.asarray(img))
-    assert transform == (1.0, 0.0, 0.0)
+    assert transform == (1.0, 0.0, 0.0, 1.0)
 
 
 def test_shorter_side_already_s_is_only_cropped():
     img = _photo(224, 300)
-    pixels, (scale, oy, ox) = preprocess(img, 224)
-    assert scale == 1.0 and oy == 0 and ox == 38
+    pixels, (sy, oy, ox, sx) = preprocess(img, 224)
+    assert sy == sx == 1.0 and oy == 0 and ox == 38
     assert np.array_equal(pixels, np.asarray(img)[:, 38 : 38 + 224])
 
 
@@ -157,7 +161,91 @@ def test_bad_files_are_recorded_and_skipped(tmp_path):
 
 
 def test_huge_extreme_aspect_stays_cheap():
-    """Cropping happens before resampling: a 1 x 5000 strip never becomes a 224 x 1.1M image."""
-    pixels, (scale, oy, ox) = preprocess(_photo(2, 5000), 32)
-    assert pixels.shape == (32, 32, 3) and scale == 16.0 and oy == 0
-    assert ox == (round(5000 * 16) - 32) // 2
+    """A 1 x 5000 strip never becomes a 224 x 1.1M image: past 2^24 pixels the crop is resampled
+    straight from the original (within one grey level of torchvision), same geometry."""
+    pixels, (sy, oy, ox, sx) = preprocess(_photo(2, 5000), 32)  # 32 x 80000: made whole, exact
+    assert pixels.shape == (32, 32, 3) and sy == sx == 16.0 and oy == 0
+    assert ox == round((80000 - 32) / 2)
+    pixels, (sy, oy, ox, sx) = preprocess(_photo(1, 5000), 224)
+    assert pixels.shape == (224, 224, 3) and sy == sx == 224.0 and oy == 0
+    assert ox == round((224 * 5000 - 224) / 2)
+
+
+def _torchvision(img: Image.Image, size: int, resize: int) -> np.ndarray:
+    return np.asarray(T.Compose([T.Resize(resize), T.CenterCrop(size)])(img))
+
+
+def _odd_sizes(s: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(s)
+    fixed = [(1, 37), (37, 1), (1, 1), (s, s), (s + 1, s), (s, s + 1), (s - 1, s + 3), (2, 3 * s)]
+    return fixed + [(int(rng.integers(1, 700)), int(rng.integers(1, 700))) for _ in range(12)]
+
+
+@pytest.mark.parametrize("s, r", [(224, 224), (224, 256), (64, 64), (64, 57), (7, 9)])
+def test_pixel_equal_to_torchvision_on_odd_sizes(s, r):
+    """Resize(R) + CenterCrop(S) on the PIL image, pixel for pixel (R < S: zero padding, as
+    torchvision pads), with the geometry torchvision computes."""
+    for i, (h, w) in enumerate(_odd_sizes(s)):
+        img = _photo(h, w, seed=i)
+        pixels, (sy, oy, ox, sx) = preprocess(img, s, r)
+        assert np.array_equal(pixels, _torchvision(img, s, r)), (h, w)
+        nh, nw = _compute_resized_output_size((h, w), [r])
+        assert (sy, sx) == (nh / h, nw / w), (h, w)
+        if nh >= s and nw >= s:
+            assert (oy, ox) == (int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0)))
+
+
+def test_transform_is_exact_per_axis():
+    """The recorded transform maps every input pixel onto the original exactly, each axis with its
+    own scale: on a ramp whose grey level is the original x (or y) coordinate, an input pixel's
+    value is its center's original coordinate (to the 8-bit rounding), across the whole crop. One
+    scale for both axes would be off by up to a model-input pixel on the long side."""
+    for h, w, s, r in [
+        (181, 250, 64, 64),
+        (250, 181, 64, 64),
+        (97, 230, 64, 80),
+        (200, 255, 224, 256),
+    ]:
+        ramp_x = np.broadcast_to(np.arange(w, dtype=np.uint8)[None, :, None], (h, w, 3))
+        ramp_y = np.broadcast_to(np.arange(h, dtype=np.uint8)[:, None, None], (h, w, 3))
+        for axis, ramp in ((1, ramp_x), (0, ramp_y)):
+            pixels, t = preprocess(Image.fromarray(np.ascontiguousarray(ramp)), s, r)
+            centers = np.arange(s) + 0.5
+            box = np.zeros((s, 4))
+            box[:, axis], box[:, axis + 2] = centers, centers
+            orig = to_original(box, np.array(t, np.float32))[:, axis] - 0.5  # pixel center -> index
+            got = pixels[s // 2, :, 0] if axis == 1 else pixels[:, s // 2, 0]
+            inner = (orig > 3) & (orig < (w if axis == 1 else h) - 4)  # clear of edge clamping
+            assert inner.sum() > s // 2
+            err = np.abs(got[inner] - orig[inner])
+            assert err.max() <= 0.51, (h, w, s, r, axis, err.max())
+
+
+def test_crop_of_huge_resize_is_close_to_torchvision(monkeypatch):
+    """The path for strips past 2^24 resized pixels: same size and geometry, within a grey level."""
+    monkeypatch.setattr(corpus_module, "_WHOLE_RESIZE_PIXELS", 0)
+    for i, (h, w) in enumerate([(3, 400), (400, 3), (150, 170), (224, 225)]):
+        img = _photo(h, w, seed=i)
+        for s, r in [(64, 64), (64, 80), (64, 48)]:
+            got, t = preprocess(img, s, r)
+            monkeypatch.setattr(corpus_module, "_WHOLE_RESIZE_PIXELS", 1 << 24)
+            exact, t_exact = preprocess(img, s, r)
+            monkeypatch.setattr(corpus_module, "_WHOLE_RESIZE_PIXELS", 0)
+            assert t == t_exact
+            assert np.abs(got.astype(int) - _torchvision(img, s, r)).max() <= 1
+            assert np.array_equal(exact, _torchvision(img, s, r))
+
+
+@pytest.mark.corpus
+@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason=f"needs {SHARED_CORPUS}")
+@pytest.mark.parametrize("r", [224, 256])
+def test_pixel_equal_to_torchvision_on_shared_photos(r):
+    """40 real photographs, opened as a torchvision user would: patchmine's input is theirs."""
+    files = sorted(SHARED_CORPUS.glob("*.JPEG"))[::12][:40]
+    assert len(files) == 40
+    for path in files:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        assert np.array_equal(preprocess(load_rgb(path), 224, r)[0], _torchvision(img, 224, r)), (
+            path
+        )

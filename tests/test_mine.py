@@ -185,6 +185,7 @@ def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
         ]:
             assert key in a, key
         assert a["format"] == "patchmine" and a["version"] == 1
+        assert a["resize"] == 64  # default: the input size (torchvision's Resize(S) + CenterCrop(S))
         pool, head = r.layer("pool"), r.layer("head")
         assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
         assert pool.patches(0).shape == (3, 9, 9, 3)
@@ -340,6 +341,7 @@ def test_resume_refuses_changed_settings(tmp_path, corpus_dir, tiny_model):
         ({"k": 4}, "k: checkpoint 3, now 4"),
         ({"layers": ["add"]}, "layers"),
         ({"per_image": 2}, "per_image"),
+        ({"resize": 80}, "resize: checkpoint 64, now 80"),
     ]:
         args = {
             "model": tiny_model,

@@ -113,6 +113,12 @@ def test_runs_then_skips_then_rerenders_then_remines(job, tiny_model, capsys):
     with patchmine.open(result) as r:
         assert r.attrs["k"] == 4 and r.attrs["pipeline"] == "tiny"
 
+    # resize changes the input pixels: the result is out of date
+    job.write_text(job.read_text().replace("k = 4\n", "k = 4\nresize = 72\n"))
+    rc, out, _ = run(capsys, str(job), "-q", "--dry-run")
+    assert step_lines(out)["mine"] == "would run (settings changed: resize null -> 72)"
+    write_pipeline(job.parent, tiny_model, k=4)
+
     # --force re-runs everything
     rc, out, _ = run(capsys, str(job), "-q", "--force")
     assert step_lines(out) == {"mine": "running (--force)", "render": "running (--force)"}

@@ -110,7 +110,7 @@ def test_empty_collector_is_the_identity_and_states_merge_like_live_ones(case):
 SIZES = st.integers(1, 1500)
 
 
-def _transform(h: int, w: int, s: int) -> tuple[float, float, float]:
+def _transform(h: int, w: int, s: int) -> tuple[float, float, float, float]:
     """The transform preprocess records for an ``h`` x ``w`` image (a flat gray one: cheap)."""
     pixels, t = preprocess(Image.new("L", (w, h), 128).convert("RGB"), s)
     assert pixels.shape == (s, s, 3)
@@ -120,9 +120,12 @@ def _transform(h: int, w: int, s: int) -> tuple[float, float, float]:
 @settings(max_examples=60, deadline=None)
 @given(h=SIZES, w=SIZES, s=st.sampled_from([1, 7, 32, 64, 224]))
 def test_preprocess_transform_maps_input_onto_the_centered_crop(h, w, s):
-    scale, oy, ox = _transform(h, w, s)
-    assert scale == s / min(h, w)
-    crop = to_original(np.array([0, 0, s, s], np.float32), np.array([scale, oy, ox]))
+    sy, oy, ox, sx = _transform(h, w, s)
+    assert (sx if w <= h else sy) == s / min(h, w)  # the short side: exactly s
+    nh, nw = (int(s * h / w), s) if w <= h else (s, int(s * w / h))  # torchvision's Resize(s)
+    assert (sy, sx) == (nh / h, nw / w)
+    crop = to_original(np.array([0, 0, s, s], np.float32), np.array([sy, oy, ox, sx]))
+    scale = min(sy, sx)
     tol = 1e-3 * max(h, w) + 1.0 / scale  # rounding of the resized size, at most one input pixel
     side = min(h, w)
     assert np.allclose(crop[2] - crop[0], side, atol=tol)
@@ -155,14 +158,16 @@ def test_boxes_round_trip_between_input_and_original(fy, h, w, s):
         assert (b[:, :2] == yx * field.stride + field.offset).all()
     orig = to_original(b, t)
     back = to_input(orig, t)
-    scale = float(t[0])
+    scale = t[[0, 3, 0, 3]].astype(np.float64)  # per axis: y, x, y, x
     # float32 throughout: relative error of a few ulps of the largest coordinate involved
-    mag = np.abs(b).max() + np.abs(t[1:]).max() + 1
+    mag = np.abs(b).max() + np.abs(t[1:3]).max() + 1
     assert np.allclose(back, b, rtol=0, atol=1e-5 * mag), (back, b)
     assert np.allclose(orig * scale - t[[1, 2, 1, 2]], b, rtol=0, atol=1e-5 * mag)
     # and from original pixels: input -> original is the inverse of original -> input
     again = to_original(to_input(orig, t), t)
-    assert np.allclose(again, orig, rtol=0, atol=1e-5 * mag / scale + 1e-6 * np.abs(orig).max())
+    assert np.allclose(
+        again, orig, rtol=0, atol=1e-5 * mag / scale.min() + 1e-6 * np.abs(orig).max()
+    )
     # sizes scale by 1 / scale, and the transform preserves order
-    assert np.allclose(orig[:, 2:] - orig[:, :2], (b[:, 2:] - b[:, :2]) / scale,
-                       rtol=1e-5, atol=1e-5 * mag / scale)
+    assert np.allclose(orig[:, 2:] - orig[:, :2], (b[:, 2:] - b[:, :2]) / scale[:2],
+                       rtol=1e-5, atol=1e-5 * mag / scale[:2])

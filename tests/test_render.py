@@ -73,8 +73,8 @@ def make_result(tmp: Path, n_images: int = 12, remove: tuple[int, ...] = ()) -> 
         return out
 
     def orig(b: np.ndarray, img: int) -> np.ndarray:
-        sc, oy, ox = transforms[img]
-        return (b + np.array([oy, ox, oy, ox])) / sc
+        sy, oy, ox, sx = transforms[img]
+        return (b + np.array([oy, ox, oy, ox])) / np.array([sy, sx, sy, sx])
 
     # spatial layer: per channel k distinct images, a smooth bump of activation at yx
     c, k = C_SPATIAL, K
