@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import patchmine
 from patchmine import distributed, store
+from patchmine.allocator import allocator_setting
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, printable
 from patchmine.errors import UsageError
 from patchmine.maps import reduce_maps
@@ -424,6 +425,7 @@ class Miner:
             "patchmine_version": patchmine.__version__,
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
+            "allocator": allocator_setting(),
             "corpus_roots": list(self.corpus.roots),
             "layer_order": list(self.layers),
             "corpus_fingerprint": self.corpus.fingerprint(),
