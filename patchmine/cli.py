@@ -208,6 +208,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  shard      {a['shard'][0]}/{a['shard'][1]}")
         print(f"  made       {a['created_utc']} by patchmine {a['patchmine_version']}, "
               f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
+        if "allocator" in a:
+            print(f"  allocator  {a['allocator']}")
         print("  layers")
         for name in r.layers:
             lr = r.layer(name)
@@ -352,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``patchmine`` command. It first tunes this process's C allocator (see
+    :mod:`patchmine.allocator`; ``PATCHMINE_MALLOC=default`` turns that off)."""
+    from patchmine.allocator import tune_allocator
+
+    try:
+        tune_allocator()
+    except ValueError as e:
+        print(f"patchmine: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     with _quiet_h5py_dealloc():

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from patchmine.allocator import applied_settings, tune_allocator
 from patchmine.errors import UsageError
 
 __all__ = [
@@ -300,8 +301,9 @@ class CorpusDataset(Dataset):
             }
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly and ends them.
+def _init_worker(allocator: dict[str, int] | None, _worker_id: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly and ends them,
+    and run with the main process's malloc settings (inherited by fork, re-applied after spawn).
 
     Ctrl-C reaches the whole process group: a worker that died of it would make the main process
     fail with "DataLoader worker exited unexpectedly" (and print the worker's traceback) instead of
@@ -309,6 +311,8 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if allocator:
+        tune_allocator(allocator)
 
 
 def make_loader(
@@ -323,5 +327,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, applied_settings()) if workers > 0 else None,
     )

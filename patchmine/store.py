@@ -143,6 +143,7 @@ def run_attrs(
     import torchvision
 
     import patchmine
+    from patchmine.allocator import allocator_setting
 
     attrs = {
         "model": model.name,
@@ -164,6 +165,7 @@ def run_attrs(
         "corpus_fingerprint": corpus.fingerprint(),
         "n_corpus": len(corpus),
         "shard_start": rows.start,
+        "allocator": allocator_setting(),
     }
     if shard is not None:
         attrs["shard"] = list(shard)

@@ -114,12 +114,15 @@ def h5_datasets(path: Path) -> dict[str, np.ndarray]:
 
 
 def h5_attrs(path: Path) -> dict[str, dict]:
-    """Every attribute of every object, minus the creation time."""
+    """Every attribute of every object, minus the creation time and the allocator setting (the
+    provenance of the process that wrote it; results never depend on it)."""
     out: dict[str, dict] = {}
     with h5py.File(path, "r") as f:
 
         def visit(name, obj):
-            out[name] = {k: v for k, v in obj.attrs.items() if k != "created_utc"}
+            out[name] = {
+                k: v for k, v in obj.attrs.items() if k not in ("created_utc", "allocator")
+            }
 
         visit("/", f)
         f.visititems(visit)
