@@ -126,6 +126,8 @@ JS = r"""
       (n > shown ? ' (first ' + shown + ' listed)' : '');
   }
   box.addEventListener('input', run);
+  var m = /^#q=(.*)$/.exec(window.location.hash);  // index.html#q=pelican opens filtered
+  if (m) box.value = decodeURIComponent(m[1]);
   if (box.value) run();
 })();
 """

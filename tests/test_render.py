@@ -631,3 +631,125 @@ def test_gallery_pictures_show_the_stored_patches(tmp_path, result_file, channel
                     assert (np.abs(tile - np.array(pictures.RED)).sum(-1) < 60).mean() > 0.03
                 else:
                     _close(tile, layer.patches(c)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# schema v2 datasets (written here with h5py: their writers live on other branches)
+
+NAMES = ["tench", "goldfish", "espresso", "great white shark"]
+LABELS = ["cat", "dog", "fish"]
+
+
+def add_v2(path: Path) -> Path:
+    """Add projections, bottom-k, labels, class means, selectivity and channel names to a
+    `make_result` file, as schema v2 stores them."""
+    import h5py
+
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "a") as f:
+        f.attrs["version"] = 2
+        n = f["images/path"].shape[0]
+        f["images/label"] = (np.arange(n) % len(LABELS)).astype(np.int32)
+        f.create_dataset("labels/names", data=LABELS, dtype=h5py.string_dtype())
+        conv = f["layers/conv"]
+        conv["projection"] = rng.normal(0, 1, conv["patch"].shape).astype(np.float16)
+        b = conv.create_group("bottom")
+        for key in ("score", "image", "yx", "box", "box_orig", "patch", "heat", "projection"):
+            b[key] = conv[key][()]
+        b["score"][...] = -np.abs(b["score"][()])
+        conv["class_mean"] = rng.uniform(0, 1, (C_SPATIAL, len(LABELS))).astype(np.float32)
+        conv["selectivity"] = np.linspace(0.1, 0.9, C_SPATIAL).astype(np.float32)
+        fc = f["layers/fc"]
+        fc.attrs.create("channel_names", NAMES, dtype=h5py.string_dtype())
+    return path
+
+
+@pytest.fixture(scope="module")
+def v2_file(tmp_path_factory) -> Path:
+    return add_v2(make_result(tmp_path_factory.mktemp("v2")))
+
+
+def test_reader_v2_datasets(result_file, v2_file):
+    with store.open_result(result_file) as r:  # v1: all absent
+        conv = r.layer("conv")
+        assert conv.projection(0) is None and conv.bottom is None
+        assert conv.class_mean is None and conv.selectivity is None and conv.channel_names is None
+        assert r.label_names is None and r.image_label is None
+    with store.open_result(v2_file) as r:
+        conv, fc = r.layer("conv"), r.layer("fc")
+        assert conv.projection(1).shape == (K, SIZE, SIZE, 3)
+        assert conv.bottom.k == K and (conv.bottom.score[1] <= 0).all()
+        np.testing.assert_array_equal(conv.bottom.patches(1), conv.patches(1))
+        assert conv.bottom.bottom is None
+        assert conv.class_mean.shape == (C_SPATIAL, 3) and conv.selectivity.shape == (C_SPATIAL,)
+        assert fc.channel_names == NAMES and r.label_names == LABELS
+        assert r.image_label.shape == (r.n_images,)
+
+
+def test_gallery_shows_v2_datasets(v2_file, tmp_path):
+    out = tmp_path / "g"
+    gallery.render(v2_file, out, progress=False)
+    _check_links(out)
+    page = (out / "conv" / "c0001.html").read_text()
+    for f in ("c0001_proj.webp", "c0001_bottom.webp", "c0001_bottom_proj.webp"):
+        assert (out / "conv" / f).is_file() and f in page
+    assert "projections (grey = 0)" in page and "bottom-9" in page
+    assert "class selectivity 0.300" in page and "labels of the top-9" in page
+    assert "<svg" in page and "activations" in page
+    fc = (out / "fc" / "c0002.html").read_text()
+    assert "<title>fc · channel 2 - espresso</title>" in fc
+    index = (out / "index.html").read_text()
+    assert "espresso" in index and "great white shark" in index and 'id="filter"' in index
+    layer = (out / "conv" / "index.html").read_text()
+    assert "selectivity" in layer and "top label" in layer and "dead channels (1" in layer
+    # projections are scaled symmetrically about grey: the mean of a tile is near 128
+    a = _arr(Image.open(out / "conv" / "c0001_proj.webp"))[:66, :66]
+    assert abs(a.mean() - 128) < 20
+
+
+def test_rerender_with_fewer_channels_leaves_no_stale_page(result_file, tmp_path):
+    out = tmp_path / "g"
+    gallery.render(result_file, out, progress=False)
+    assert (out / "conv" / "c0004.html").is_file() and (out / "fc").is_dir()
+    gallery.render(result_file, out, layers=["conv"], channels=[1], progress=False)
+    assert sorted(p.name for p in (out / "conv").glob("c*")) == ["c0001.html", "c0001.webp"]
+    assert not (out / "fc").exists()
+    kept = {p.name for p in (out / "img").iterdir()}
+    with store.open_result(result_file) as r:
+        assert kept == {f"i{i:06d}.webp" for i in r.layer("conv").image[1] if i >= 0}
+    _check_links(out)
+
+
+def test_token_layer_overlay_and_crops(tmp_path):
+    """A whole-input token layer: the montage shows the token map over the input, and a second
+    sheet crops each winning token with one token of context."""
+    import h5py
+
+    path = make_result(tmp_path)
+    grid, tok = 4, S // 4
+    with h5py.File(path, "a") as f:
+        fc = f["layers/fc"]
+        fc.attrs["layout"] = "tokens"
+        fc.attrs["token_grid"] = [grid, grid]
+        fc.attrs["prefix_tokens"] = 1
+        fc.attrs["token_rf_size"] = [tok, tok]
+        fc.attrs["token_rf_stride"] = [tok, tok]
+        fc.attrs["token_rf_offset"] = [0, 0]
+        heat = np.zeros((C_WHOLE, K, grid, grid), np.float16)
+        heat[:, :, 1, 2] = 5.0  # the winning token of every entry
+        del fc["heat"]
+        fc["heat"] = heat
+    with store.open_result(path) as r:
+        layer = r.layer("fc")
+        plain = _arr(pictures.montage(layer, 0, overlay="none"))
+        over = _arr(pictures.montage(layer, 0, overlay="heat"))
+        g = pictures.montage_grid(K, P_WHOLE)
+        x0, y0, _, _ = g.tile_box(0)
+        d = np.abs(plain - over).sum(-1)[y0 : y0 + g.tile, x0 : x0 + g.tile]
+        t = g.tile // grid  # the token (1, 2) is where the overlay is strongest
+        assert d[t : 2 * t, 2 * t : 3 * t].mean() > 3 * d[3 * t :, :t].mean()
+    out = tmp_path / "g"
+    gallery.render(path, out, layers=["fc"], progress=False)
+    page = (out / "fc" / "c0000.html").read_text()
+    assert (out / "fc" / "c0000.webp").is_file() and "c0000_tokens.webp" in page
+    assert "the winning token" in page and "tokens 4x4" in (out / "fc" / "index.html").read_text()
