@@ -5,18 +5,22 @@ Public names: render.
     >>> from patchmine import gallery
     >>> gallery.render("out.h5", "gallery/")                             # gallery/index.html
 
-The pictures come from `patchmine.pictures`; this module lays out the folders, writes the pages
-and draws the channels on a thread pool.
+Layout: ``index.html`` (every layer's overview sheet, a filter box), ``gallery.css``,
+``gallery.js`` (the one script), ``img/`` (each winner image once, downscaled, shared by every
+context view), and per layer ``<layer>/index.html``, ``overview.webp`` and per channel
+``cNNNN.html`` with its tile sheets ``cNNNN*.webp``. Photographs are lossy WebP; captions, plots
+and the boxes of the context views are HTML and SVG. Pages come from `patchmine.pages`, tile
+sheets from `patchmine.tiles`; this module reads the file, draws on a thread pool and removes
+what an earlier render left that this one did not write.
 """
 
 from __future__ import annotations
 
 import bisect
-import html
+import math
 import os
 import re
-import threading
-from collections import OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,82 +28,41 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from patchmine import receptive, svg, tiles
 from patchmine.errors import UsageError
+from patchmine.overlays import OVERLAYS, colormap_stops
+from patchmine.pages import (
+    ChannelView,
+    Sprite,
+    channel_page,
+    file_name,
+    index_page,
+    layer_page,
+    sheet_html,
+)
 from patchmine.pictures import (
-    OVERLAYS,
+    CONTEXT,
+    MIN_TILE,
     Channel,
     LayerInfo,
-    Original,
-    draw_context,
-    draw_montage,
-    draw_overview,
-    format_number,
+    _fit_square,
+    inside_part,
     load_original,
-    overview_grid,
     thumb_side,
     thumbnail,
 )
+from patchmine.site_assets import CSS, JS
 
 __all__ = ["render"]
 
-PNG = {"compress_level": 1}  # fast; montages are mostly flat background and upscaled pixels
-JPEG = {"quality": 88}  # context views are photographs
-
-_CSS = """
-body{background:#18181b;color:#e8e8ec;font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;
-margin:0;padding:16px 24px}
-a{color:#7cc4ff;text-decoration:none}a:hover{text-decoration:underline}
-h1{font-size:20px;margin:4px 0 12px}h2{font-size:16px;margin:18px 0 8px;color:#c8c8d0}
-.nav{color:#9a9aa6;margin-bottom:10px}.nav a{margin-right:4px}
-table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #34343c;
-text-align:left;vertical-align:top}th{color:#a0a0ac;font-weight:600}
-td.n{text-align:right;font-variant-numeric:tabular-nums}code{color:#d6d6de}
-figure{margin:0}
-.pics{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.pics img{max-width:100%;height:auto;border:1px solid #34343c}
-.grid{display:flex;flex-wrap:wrap;gap:0}.grid a{display:block;background-repeat:no-repeat}
-.grid a.off{opacity:.35;pointer-events:none}
-.dead{color:#eb4034}.muted{color:#9a9aa6}
-"""
-
-
-class _Originals:
-    """Downscaled original images, read once and shared across channels (LRU, thread-safe)."""
-
-    def __init__(self, result, capacity: int = 2048):
-        self.result = result
-        self.capacity = capacity
-        self._cache: OrderedDict[int, Original] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __call__(self, i: int) -> Original:
-        """(thumbnail or None, why not), as `patchmine.pictures.load_original`."""
-        with self._lock:
-            if i in self._cache:
-                self._cache.move_to_end(i)
-                return self._cache[i]
-        got = load_original(self.result, i)
-        with self._lock:
-            self._cache[i] = got
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        return got
-
-
-# --------------------------------------------------------------------------------------------------
-# pages
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
-        "</body></html>\n"
-    )
+MANIFEST = ".patchmine-gallery"  # the files the last render wrote, one per line
+_OURS = re.compile(r"^(c\d{4,}.*\.(html|png|jpg|webp)|overview\.(png|webp)|index\.html)$")
 
 
 def _slug(name: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "layer"
+    if base in ("img",):
+        base = "layer_img"
     slug, n = base, 1
     while slug.lower() in taken:
         n += 1
@@ -108,183 +71,181 @@ def _slug(name: str, taken: set[str]) -> str:
     return slug
 
 
-def _esc(v) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def _box_text(b: Sequence[float], digits: int | None = None) -> str:
-    if digits is None:
-        return "(" + ", ".join(str(int(v)) for v in b) + ")"
-    return "(" + ", ".join(f"{v:.{digits}f}" for v in b) + ")"
-
-
-def _geometry(info: LayerInfo, long: bool) -> str:
-    f = info.field
-    if f.whole:
-        return "whole input"
-    if long:
-        return f"{f.size[0]} px, stride {f.stride[0]}, offset {f.offset[0]}"
-    return f"rf {f.size[0]} stride {f.stride[0]} offset {f.offset[0]}"
-
-
-def _channel_page(
-    ch: Channel,
-    result,
-    overlay: str,
-    prev_c: int | None,
-    next_c: int | None,
-    context_notes: dict[int, str],
-) -> str:
-    info = ch.info
-    c = ch.c
-    nav = (
-        f'<div class="nav"><a href="../index.html">all layers</a> / '
-        f'<a href="index.html">{_esc(info.name)}</a> / channel {c}'
-    )
-    if prev_c is not None:
-        nav += f' &nbsp; <a href="c{prev_c:04d}.html">&larr; {prev_c}</a>'
-    if next_c is not None:
-        nav += f' &nbsp; <a href="c{next_c:04d}.html">{next_c} &rarr;</a>'
-    nav += "</div>"
-    dead = ' <span class="dead">dead</span>' if ch.dead else ""
-    parts = [nav, f"<h1>{_esc(info.name)} &middot; channel {c}{dead}</h1>"]
-    stats = []
-    for key, arr in (("max", info.max), ("mean", info.mean)):
-        if np.isfinite(arr[c]):
-            stats.append(f"{key} {_esc(format_number(float(arr[c])))}")
-    if np.isfinite(info.threshold[c]):
-        stats.append(f"q{info.q:g} {_esc(format_number(float(info.threshold[c])))}")
-    if stats:
-        parts.append(f'<p class="muted">activation over the corpus: {" &middot; ".join(stats)}</p>')
-    shown_overlay = "" if overlay == "none" or info.field.whole else f", {_esc(overlay)} overlay"
-    parts.append(
-        '<div class="pics">'
-        f'<figure><img src="c{c:04d}.png" alt="top {info.k} patches of channel {c}">'
-        f'<figcaption class="muted">top-{info.k} receptive-field patches{shown_overlay}'
-        "</figcaption></figure>"
-        f'<figure><img src="c{c:04d}_context.jpg" alt="winners of channel {c} in context">'
-        '<figcaption class="muted">in the original images</figcaption></figure></div>'
-    )
-    rows = [
-        "<table><tr><th>rank</th><th>score</th><th>image</th><th>yx</th><th>box (input px)</th>"
-        "<th>box_orig (original px)</th><th></th></tr>"
-    ]
-    for rec in ch.records:
-        try:
-            full = str(result.image_file(rec["image"]))
-        except (KeyError, IndexError, TypeError):
-            full = rec["path"]
-        note = context_notes.get(rec["rank"], "")
-        rows.append(
-            f'<tr><td class="n">{rec["rank"] + 1}</td>'
-            f'<td class="n">{_esc(format_number(rec["score"]))}</td>'
-            f'<td><code title="{_esc(full)}">{_esc(rec["path"])}</code></td>'
-            f"<td>{_esc(_box_text(rec['yx']))}</td><td>{_esc(_box_text(rec['box']))}</td>"
-            f"<td>{_esc(_box_text(rec['box_orig'], 1))}</td>"
-            f'<td class="dead">{_esc(note)}</td></tr>'
-        )
-    rows.append("</table>")
-    if not ch.records:
-        rows = ['<p class="dead">no entries: this channel was never active on the corpus</p>']
-    parts.extend(rows)
-    return _page(f"{info.name} channel {c}", "\n".join(parts))
-
-
-def _layer_page(info: LayerInfo, rendered: list[int]) -> str:
-    g = overview_grid(info.channels, info.patch_size)
-    cw, chh = g.tile + g.pad, g.tile + g.label_h + g.pad
-    shown = set(rendered)
-    n_dead = info.n_dead
-    parts = [
-        '<div class="nav"><a href="../index.html">all layers</a> / ' + _esc(info.name) + "</div>",
-        f"<h1>{_esc(info.name)}</h1>",
-        f'<p class="muted">{info.channels} channels &middot; k={info.k} &middot; '
-        f"{_esc(_geometry(info, long=False))} &middot; "
-        f'patch {info.patch_size}px &middot; <span class="{"dead" if n_dead else ""}">'
-        f'{n_dead} dead</span> &middot; <a href="overview.png">overview image</a></p>',
-    ]
-    if len(shown) < info.channels:
-        parts.append(
-            f'<p class="muted">{len(shown)} of {info.channels} channels rendered; '
-            "the others are dimmed</p>"
-        )
-    cells = ['<div class="grid">']
-    for c in range(info.channels):
-        x0, y0, _, _ = g.cell(c)
-        x, y = x0 - g.pad // 2, y0 - g.pad // 2
-        title = f"channel {c}" + (
-            " (dead)" if info.dead(c) else f", top score {format_number(float(info.score[c, 0]))}"
-        )
-        style = (
-            f"width:{cw}px;height:{chh}px;background-image:url(overview.png);"
-            f"background-position:-{x}px -{y}px"
-        )
-        if c in shown:
-            cells.append(f'<a href="c{c:04d}.html" title="{_esc(title)}" style="{style}"></a>')
-        else:
-            cells.append(f'<a class="off" title="{_esc(title)}" style="{style}"></a>')
-    cells.append("</div>")
-    parts.append("".join(cells))
-    return _page(info.name, "\n".join(parts))
-
-
-def _index_page(result, entries: list[tuple[str, LayerInfo, str, int]]) -> str:
-    """``entries``: per layer (folder, info, feature-map size "HxW", channels rendered)."""
-    a = result.attrs
-    meta = [
-        ("file", str(result.path)),
-        ("model", f"{a.get('model', '?')}  (weights {a.get('weights', '?')})"),
-        ("input", f"{a.get('input_size', '?')} px"),
-        ("top-k", f"k={a.get('k', '?')}, per image {a.get('per_image', '?')}"),
-        ("images", f"{a.get('n_images', result.n_images)} ({a.get('n_failed', 0)} unreadable)"),
-        ("made", f"{a.get('created_utc', '?')} by patchmine {a.get('patchmine_version', '?')}"),
-    ]
-    parts = ["<h1>patchmine gallery</h1>", "<table>"]
-    parts += [f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in meta]
-    parts.append(
-        "</table><h2>layers</h2><table><tr><th>layer</th><th>channels</th><th>map</th>"
-        "<th>receptive field</th><th>patch</th><th>dead</th><th>rendered</th></tr>"
-    )
-    for slug, info, fmap, n_rendered in entries:
-        parts.append(
-            f'<tr><td><a href="{_esc(slug)}/index.html">{_esc(info.name)}</a></td>'
-            f'<td class="n">{info.channels}</td><td>{_esc(fmap)}</td>'
-            f"<td>{_esc(_geometry(info, long=True))}</td>"
-            f'<td class="n">{info.patch_size}</td><td class="n">{info.n_dead}</td>'
-            f'<td class="n">{n_rendered}</td></tr>'
-        )
-    parts.append("</table>")
-    return _page("patchmine gallery", "\n".join(parts))
-
-
 def _fmap(layer) -> str:
     hw = layer.attrs.get("fmap_hw", [1, 1])
     return "x".join(str(v) for v in (hw if isinstance(hw, (list, tuple)) else [hw]))
 
 
-# --------------------------------------------------------------------------------------------------
-# orchestration
+def _store_side(p: int) -> int:
+    """Stored tile side: the patch itself, or a whole multiple of it when tiny."""
+    return p * math.ceil(64 / p) if p < 64 else p
 
 
-def _render_channel(
-    ch: Channel,
-    result,
-    overlay: str,
-    folder: Path,
-    prev_c: int | None,
-    next_c: int | None,
-    originals: _Originals,
-) -> None:
-    c = ch.c
-    draw_montage(ch, overlay).save(folder / f"c{c:04d}.png", **PNG)
-    draw_context(ch, result, originals).save(folder / f"c{c:04d}_context.jpg", **JPEG)
-    notes = {}
-    for rec in ch.records:
-        thumb, why = originals(rec["image"])
+def _show_side(p: int) -> int:
+    """Shown tile side (CSS px): at least `MIN_TILE`, a whole multiple of small patches."""
+    return p * math.ceil(MIN_TILE / p) if p < MIN_TILE else p
+
+
+class _Layer:
+    """What every channel of one layer shares while its pages are drawn."""
+
+    def __init__(self, lr, result, overlay: str, folder: Path, labels, label_names):
+        self.lr, self.result, self.overlay, self.folder = lr, result, overlay, folder
+        self.info = LayerInfo.read(lr)
+        self.names = lr.channel_names
+        self.selectivity = lr.selectivity
+        self.bottom = lr.bottom
+        self.bottom_info = LayerInfo.read(self.bottom) if self.bottom is not None else None
+        self.tokens = self.info.attrs.get("layout") == "tokens" and (
+            self.info.attrs.get("token_rf_stride") is not None
+        )
+        self.hist = lr.stats_state().get("hist")
+        self.edges = None
+        if self.hist is not None:
+            from patchmine.stats import bin_edges
+
+            self.edges = bin_edges()
+        try:
+            st = lr.stats()
+            self.q, self.quantiles = np.asarray(st["q"]), np.asarray(st["quantile"])
+        except (KeyError, ValueError):
+            self.q = self.quantiles = None
+        self.border_share = float(self.info.attrs.get("border_share", float("nan")))
+        self.top_label = _top_labels(self.info, labels, label_names)
+        self.labels, self.label_names = labels, label_names
+
+    def name(self, c: int) -> str:
+        return str(self.names[c]) if self.names and c < len(self.names) else ""
+
+
+def _top_labels(info: LayerInfo, labels, names) -> list[str] | None:
+    """Per channel, the most frequent label among its top-k images (None without labels)."""
+    if labels is None or names is None:
+        return None
+    out = []
+    for c in range(info.channels):
+        imgs = info.image[c][info.image[c] >= 0]
+        got = Counter(int(labels[i]) for i in imgs if labels[i] >= 0)
+        out.append(names[got.most_common(1)[0][0]] if got else "")
+    return out
+
+
+def _originals(result, images: Iterable[int], out: Path, pool, done: dict) -> None:
+    """Write ``img/iNNNNNN.webp`` for the images not yet written; ``done[i]`` = (src from a layer
+    folder, width, height) or None where the original cannot be read."""
+    todo = sorted(set(images) - set(done))
+    (out / "img").mkdir(exist_ok=True)
+
+    def one(i: int):
+        thumb, _ = load_original(result, i, CONTEXT)
         if thumb is None:
-            notes[rec["rank"]] = f"{why}: context shows the stored patch"
-    page = _channel_page(ch, result, overlay, prev_c, next_c, notes)
-    (folder / f"c{c:04d}.html").write_text(page, encoding="utf-8")
+            return i, None
+        name = f"img/i{i:06d}.webp"
+        tiles.encode(thumb, out / name)
+        return i, (f"../{name}", thumb.width, thumb.height)
+
+    for i, got in pool.map(one, todo):
+        done[i] = got
+
+
+def _crop_square(result, i: int, input_size: int):
+    """The input square in original pixels, where it is not the whole image; else None."""
+    tr = result.image_transform[i]
+    if not (tr[0] > 0 and input_size):
+        return None
+    crop = receptive.to_original((0, 0, input_size, input_size), tr, np.float64)
+    h, w = (float(v) for v in result.image_shape[i])
+    if crop[0] > 1 or crop[1] > 1 or crop[2] < h - 1 or crop[3] < w - 1:
+        return tuple(float(v) for v in crop)
+    return None
+
+
+def _thumb(patch, box, side: int, info: LayerInfo) -> Image.Image:
+    """An overview tile; a box larger than the input shows its part inside the input."""
+    tile = thumbnail(patch, side)
+    part = None if patch is None or info.field.whole else inside_part(box, side, info.input_size)
+    return tile if part is None else _fit_square(tile.crop(part), side)
+
+
+def _sprite(tiles_: list[Image.Image], side: int, show: int, folder: Path, name: str) -> Sprite:
+    cols = max(1, math.ceil(math.sqrt(max(1, len(tiles_)))))
+    tiles.encode(tiles.sheet(tiles_, side, cols), folder / name)
+    return Sprite(name, len(tiles_), cols, side, show)
+
+
+def _render_channel(L: _Layer, ch: Channel, extra: dict, prev_c, next_c, originals) -> list[str]:
+    """Draw and write one channel's sheets and page; returns the file names written."""
+    info, c, folder = L.info, ch.c, L.folder
+    p = info.patch_size
+    side, show = _store_side(p), _show_side(p)
+    written = []
+    v = ChannelView(info=info, c=c, records=ch.records, name=L.name(c), overlay=L.overlay)
+    result = L.result
+    v.full_paths = []
+    for r in ch.records:
+        try:
+            v.full_paths.append(str(result.image_file(r["image"])))
+        except (KeyError, IndexError, TypeError):
+            v.full_paths.append(r["path"])
+    if ch.records and (L.tokens or not info.field.whole):
+        name = file_name(c, ".webp")
+        v.top = _sprite(tiles.top_tiles(ch, L.overlay, side), side, show, folder, name)
+        written.append(name)
+        if tiles.has_outside_box(ch):
+            v.full = file_name(c, "_full.webp")
+            full = tiles.sheet(tiles.top_tiles(ch, L.overlay, side, inside=False), side)
+            tiles.encode(full, folder / v.full)
+            written.append(v.full)
+        if L.overlay == "heat":
+            lo, hi = ch.heat_range()
+            if math.isfinite(hi) and hi > lo:
+                v.color_bar = svg.color_bar(colormap_stops(), lo, hi)
+    proj = extra.get("projection")
+    if proj is not None and ch.records:
+        name = file_name(c, "_proj.webp")
+        v.projection = _sprite(tiles.projection_tiles(ch, proj, side), side, show, folder, name)
+        written.append(name)
+    if L.tokens and ch.records:
+        name = file_name(c, "_tokens.webp")
+        v.tokens = _sprite(tiles.token_crops(ch, result, 96), 96, 128, folder, name)
+        written.append(name)
+    bch = extra.get("bottom")
+    if bch is not None and bch.records:
+        v.bottom_records = bch.records
+        name = file_name(c, "_bottom.webp")
+        v.bottom = _sprite(tiles.top_tiles(bch, "none", side), side, show, folder, name)
+        written.append(name)
+        bproj = extra.get("bottom_projection")
+        if bproj is not None:
+            name = file_name(c, "_bottom_proj.webp")
+            v.bottom_projection = _sprite(
+                tiles.projection_tiles(bch, bproj, side), side, show, folder, name
+            )
+            written.append(name)
+    for r in ch.records:
+        i = r["image"]
+        v.originals[i] = originals.get(i)
+        v.image_shape[i] = tuple(int(x) for x in result.image_shape[i])
+        v.crops[i] = None if info.field.whole else _crop_square(result, i, info.input_size)
+    qv = L.quantiles[c] if L.quantiles is not None else ()
+    v.histogram = svg.activation_histogram(
+        [r["score"] for r in ch.records],
+        hist=L.hist[c] if L.hist is not None else None,
+        edges=L.edges,
+        q=L.q if L.q is not None else (),
+        quantiles=qv,
+        vmax=float(info.max[c]),
+        bottom_marks=[r["score"] for r in v.bottom_records],
+    )
+    if L.selectivity is not None:
+        v.selectivity = float(L.selectivity[c])
+    if L.labels is not None and L.label_names is not None and ch.records:
+        got = Counter(int(L.labels[r["image"]]) for r in ch.records if L.labels[r["image"]] >= 0)
+        rows = [(L.label_names[lab], float(n)) for lab, n in got.most_common(8)]
+        v.labels_svg = svg.label_bars(rows, f"labels of the top-{info.k} images")
+    page = file_name(c)
+    (folder / page).write_text(channel_page(v, prev_c, next_c), encoding="utf-8")
+    return [*written, page]
 
 
 def _wanted(channels: Iterable[int] | None) -> list[int] | None:
@@ -315,6 +276,27 @@ def _prepare(out: Path) -> None:
         raise UsageError(f"output folder is not writable: {out}")
 
 
+def _clean(out: Path, written: set[str], folders: set[str]) -> None:
+    """Remove what an earlier render wrote and this one did not (a manifest, and for galleries
+    older than it, the files of our own naming in the folders rendered now)."""
+    old: set[str] = set()
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        old = {ln for ln in manifest.read_text(encoding="utf-8").splitlines() if ln}
+    for folder in folders:
+        for f in (out / folder).iterdir():
+            if f.is_file() and _OURS.match(f.name):
+                old.add(f"{folder}/{f.name}")
+    for rel in sorted(old - written):
+        f = out / rel
+        if ".." in Path(rel).parts or not f.is_file():
+            continue
+        f.unlink()
+        if f.parent != out and not any(f.parent.iterdir()):
+            f.parent.rmdir()
+    manifest.write_text("".join(f"{w}\n" for w in sorted(written)), encoding="utf-8")
+
+
 def render(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -326,9 +308,11 @@ def render(
 ) -> Path:
     """Render a result file as a static HTML gallery (plain files, relative links, no server).
 
-    Writes ``out_dir/index.html`` (layers), ``out_dir/<layer>/index.html`` (the overview, linking
-    to channels), ``overview.png``, and per rendered channel ``cNNNN.png`` (montage),
-    ``cNNNN_context.jpg`` and ``cNNNN.html`` (both pictures and a table of the winners).
+    Writes ``out_dir/index.html`` (every layer's overview sheet, a filter box), per layer
+    ``<layer>/index.html`` (its channels, sortable) and ``overview.webp``, and per rendered
+    channel ``cNNNN.html`` with its tile sheets (``cNNNN.webp`` top-k, ``_proj``, ``_bottom``,
+    ``_tokens``, ``_full`` where the file has them); winner images once under ``img/``. Files of
+    an earlier render that this one does not write are removed.
 
     Args:
         path: a result file.
@@ -336,7 +320,7 @@ def render(
         layers: layer names (default: all, in file order).
         channels: channel numbers (default: all); per layer, channels beyond its count are left
             out. ``patchmine.cli.parse_channels`` turns ``"0,5,9-20"`` into such a list.
-        overlay: ``"heat"``, ``"mask"`` or ``"none"`` on the montages.
+        overlay: ``"heat"``, ``"mask"`` or ``"none"`` on the patches.
         progress: show a tqdm bar over channels.
         workers: threads that draw and encode the pictures (default: the cores, at most 8).
 
@@ -353,6 +337,7 @@ def render(
     out = Path(out_dir)
     _prepare(out)
     workers = workers or min(8, os.cpu_count() or 1)
+    written: set[str] = {"index.html", "gallery.css", "gallery.js"}
     with open_result(path) as result:
         names = list(layers) if layers else list(result.layers)
         lrs = [result.layer(n) for n in names]  # unknown names fail here, before any work
@@ -362,60 +347,96 @@ def render(
                 f"channel {max(wanted)} out of range: the selected layers have at most "
                 f"{most} channels (0..{most - 1})"
             )
-        originals = _Originals(result)
-        taken: set[str] = set()
+        (out / "gallery.css").write_text(CSS, encoding="utf-8")
+        (out / "gallery.js").write_text(JS, encoding="utf-8")
+        labels, label_names = result.image_label, result.label_names
+        taken: set[str] = {"img"}
         entries = []
+        originals: dict = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for lr in lrs:
-                info = LayerInfo.read(lr)
                 slug = _slug(lr.name, taken)
                 folder = out / slug
                 folder.mkdir(exist_ok=True)
+                L = _Layer(lr, result, overlay, folder, labels, label_names)
+                info = L.info
                 all_channels = range(info.channels)
                 sel = [c for c in (all_channels if wanted is None else wanted) if c < info.channels]
                 selset = set(sel)
+                need = {int(i) for c in sel for i in info.image[c] if i >= 0}
+                _originals(result, need, out, pool, originals)
+                written |= {f"img/i{i:06d}.webp" for i in need if originals.get(i)}
                 side = thumb_side(info.patch_size)
-                thumbs: dict[int, Image.Image] = {}
+                thumbs: list[Image.Image] = []
+                boxes = lr.box
                 pending: deque[Future] = deque()
-                bar = tqdm(
-                    total=len(sel), desc=lr.name, unit="ch", disable=not progress, leave=True
-                )
+                bar = tqdm(total=len(sel), desc=lr.name, unit="ch", disable=not progress)
                 try:
                     for c in all_channels:
                         dead = info.dead(c)
                         if c not in selset:
-                            thumbs[c] = thumbnail(None if dead else lr.patches(c)[0], side)
+                            best = None if dead else lr.patches(c)[0]
+                            thumbs.append(_thumb(best, boxes[c, 0], side, info))
                             continue
                         ch = Channel.read(lr, c, info)
-                        thumbs[c] = thumbnail(None if dead else ch.patches[0], side)
+                        thumbs.append(
+                            _thumb(None if dead else ch.patches[0], boxes[c, 0], side, info)
+                        )
+                        extra = {"projection": lr.projection(c)}
+                        if L.bottom is not None:
+                            extra["bottom"] = Channel.read(L.bottom, c, L.bottom_info)
+                            extra["bottom_projection"] = L.bottom.projection(c)
                         i = bisect.bisect_left(sel, c)
                         prev_c = sel[i - 1] if i > 0 else None
                         next_c = sel[i + 1] if i + 1 < len(sel) else None
                         pending.append(
-                            pool.submit(
-                                _render_channel,
-                                ch,
-                                result,
-                                overlay,
-                                folder,
-                                prev_c,
-                                next_c,
-                                originals,
-                            )
+                            pool.submit(_render_channel, L, ch, extra, prev_c, next_c, originals)
                         )
                         while len(pending) > 2 * workers:
-                            pending.popleft().result()
+                            written |= {f"{slug}/{f}" for f in pending.popleft().result()}
                             bar.update(1)
                     while pending:
-                        pending.popleft().result()
+                        written |= {f"{slug}/{f}" for f in pending.popleft().result()}
                         bar.update(1)
                 finally:
                     for f in pending:
                         f.cancel()
                     bar.close()
-                draw_overview(info, thumbs).save(folder / "overview.png", compress_level=6)
-                (folder / "index.html").write_text(_layer_page(info, sel), encoding="utf-8")
-                entries.append((slug, info, _fmap(lr), len(sel)))
+                cols = max(1, math.ceil(math.sqrt(info.channels * 1.5)))
+                cols = min(cols, info.channels) if info.channels else 1
+                tiles.encode(tiles.sheet(thumbs, side, cols), folder / "overview.webp")
+                rows = [
+                    {
+                        "c": c,
+                        "name": L.name(c),
+                        "max": info.max[c],
+                        "mean": info.mean[c],
+                        "selectivity": L.selectivity[c] if L.selectivity is not None else np.nan,
+                        "top_label": L.top_label[c] if L.top_label else "",
+                        "dead": info.dead(c),
+                        "rendered": c in selset,
+                    }
+                    for c in all_channels
+                ]
+                sheet = sheet_html(slug, "overview.webp", info, cols, side, selset, L.names, "")
+                page = layer_page(info, sheet, rows, L.border_share)
+                (folder / "index.html").write_text(page, encoding="utf-8")
+                written |= {f"{slug}/overview.webp", f"{slug}/index.html"}
+                index_sheet = sheet_html(
+                    slug, f"{slug}/overview.webp", info, cols, side, selset, L.names, f"{slug}/"
+                )
+                entries.append(
+                    {
+                        "slug": slug,
+                        "info": info,
+                        "fmap": _fmap(lr),
+                        "sheet": index_sheet,
+                        "names": L.names,
+                        "top": L.top_label,
+                        "rendered": selset,
+                    }
+                )
         index = out / "index.html"
-        index.write_text(_index_page(result, entries), encoding="utf-8")
+        index.write_text(index_page(result, entries), encoding="utf-8")
+    _clean(out, written, {e["slug"] for e in entries})
     return index

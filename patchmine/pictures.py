@@ -2,7 +2,7 @@
 
 Public names: OVERLAYS, Grid, montage_grid, overview_grid, context_grid, montage, overview,
 context, LayerInfo, Channel, draw_montage, draw_overview, draw_context, thumbnail, thumb_side,
-load_original, format_number.
+load_original, format_number, montage_tile, inside_part.
 
 The notebook API is ``montage``, ``overview`` and ``context``; they read a result through
 `patchmine.store` (never HDF5 directly) and return PIL images:
@@ -15,10 +15,8 @@ The notebook API is ``montage``, ``overview`` and ``context``; they read a resul
 The other public names are the parts `patchmine.gallery` draws its files with: a `LayerInfo` read
 once per layer, a `Channel` read once per channel, and the ``draw_*`` functions over them.
 
-A tile shows a winner's box (model-input pixels); its activation map ``heat`` (H, W) is laid over
-it by sampling, at every tile pixel, the map bilinearly at the location whose unit is centered
-there (`patchmine.receptive.locations`), so overlays stay exact for any stride and padding. Pixels
-of a box outside the input are never overlaid.
+A tile shows a winner's box (model-input pixels) with its activation map laid over it
+(`patchmine.overlays`); a box larger than the input shows its part inside the input.
 """
 
 from __future__ import annotations
@@ -31,16 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from patchmine import receptive
+from patchmine import overlays, receptive
 from patchmine.errors import UsageError
+from patchmine.overlays import OVERLAYS
 
 __all__ = [
     "OVERLAYS", "Grid", "montage_grid", "overview_grid", "context_grid", "montage", "overview",
     "context", "LayerInfo", "Channel", "draw_montage", "draw_overview", "draw_context", "thumbnail",
-    "thumb_side", "load_original", "format_number",
+    "thumb_side", "load_original", "format_number", "montage_tile", "inside_part",
 ]  # fmt: skip
-
-OVERLAYS = ("heat", "mask", "none")
 
 # look
 BG = (24, 24, 27)
@@ -51,30 +48,11 @@ DIM_TEXT = (150, 150, 160)
 SCORE = (255, 196, 80)
 BOX = (255, 214, 0)
 RED = (235, 64, 52)
-OUTLINE = (0, 255, 220)
 PAD = 6
 MIN_TILE = 112  # montage tiles are at least this many pixels wide
 THUMB = 64  # overview tiles
 CONTEXT = 200  # context view cells
-HEAT_ALPHA = 0.6
-MASK_DIM = 0.28
 MASK_Q = 0.995
-
-# turbo-like colormap anchors (value, rgb)
-_CMAP_ANCHORS = [
-    (0.0, (48, 18, 59)), (0.15, (68, 90, 204)), (0.3, (38, 180, 235)), (0.45, (38, 236, 154)),
-    (0.6, (164, 252, 60)), (0.75, (250, 186, 57)), (0.9, (227, 67, 18)), (1.0, (150, 10, 5)),
-]  # fmt: skip
-
-
-def _make_lut() -> np.ndarray:
-    xs = np.array([a for a, _ in _CMAP_ANCHORS])
-    cs = np.array([c for _, c in _CMAP_ANCHORS], dtype=np.float32)
-    t = np.linspace(0, 1, 256)
-    return np.stack([np.interp(t, xs, cs[:, i]) for i in range(3)], axis=1).astype(np.float32)
-
-
-_LUT = _make_lut()
 
 
 @functools.lru_cache(maxsize=16)
@@ -222,6 +200,7 @@ class LayerInfo:
     q: float
     score: np.ndarray
     image: np.ndarray
+    attrs: dict
 
     @classmethod
     def read(cls, layer) -> LayerInfo:
@@ -252,6 +231,7 @@ class LayerInfo:
             q=qv,
             score=np.asarray(layer.score),
             image=np.asarray(layer.image),
+            attrs=dict(layer.attrs),
         )
 
     def dead(self, c: int) -> bool:
@@ -289,77 +269,69 @@ class Channel:
 
     def heat_range(self) -> tuple[float, float]:
         """(lo, hi): the channel's mean maps to transparent, its strongest activation to full."""
-        used = len(self.records)
-        h = self.heat[:used]
-        hi = float(np.nanmax(h)) if used and h.size else float("nan")
-        if used:
-            hi = max(hi, float(self.info.score[self.c, 0])) if np.isfinite(hi) else hi
-        lo = float(self.info.mean[self.c])
-        if not np.isfinite(lo) or lo >= hi:
-            lo = min(0.0, hi) if np.isfinite(hi) else 0.0
-        return lo, hi
+        best = float(self.info.score[self.c, 0]) if self.records else float("nan")
+        return overlays.heat_range(self.heat, len(self.records), best, self.info.mean[self.c])
 
 
 # --------------------------------------------------------------------------------------------------
 # overlays
 
 
-def _bilinear(u: np.ndarray, units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices (i0, i1) and weights of i1 that sample a map of ``units`` at fractional ``u``."""
-    u = np.clip(u, 0, units - 1)
-    i0 = np.floor(u).astype(np.int64)
-    i1 = np.minimum(i0 + 1, units - 1)
-    return i0, i1, (u - i0).astype(np.float32)
-
-
-def _sample_heat(ch: Channel, slot: int, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """(side, side) activations over the slot's box, and the mask of its pixels inside the input."""
-    hmap = ch.heat[slot]
-    pix = receptive.pixel_centers(ch.records[slot]["box"], side)  # (side, 2): y, x
-    units = receptive.locations(ch.info.field, pix)
-    iy0, iy1, wy = _bilinear(units[:, 0], hmap.shape[0])
-    ix0, ix1, wx = _bilinear(units[:, 1], hmap.shape[1])
-    s = ch.info.input_size
-    inside = (pix >= -0.5) & (pix < s - 0.5) if s else np.ones((side, 2), bool)
-    rows = (1 - wy)[:, None] * hmap[iy0] + wy[:, None] * hmap[iy1]  # (side, W)
-    vals = rows[:, ix0] * (1 - wx) + rows[:, ix1] * wx
-    return vals, inside[:, 0, None] & inside[None, :, 1]
-
-
 def _overlay(tile: Image.Image, ch: Channel, slot: int, mode: str) -> Image.Image:
     info = ch.info
-    if mode == "none" or info.field.whole or ch.heat.ndim != 3 or ch.heat.shape[1:] == (1, 1):
+    if mode == "none" or ch.heat.ndim != 3:
         return tile
-    side = tile.width
-    vals, inside = _sample_heat(ch, slot, side)
-    rgb = np.asarray(tile, dtype=np.float32)
-    if mode == "heat":
-        lo, hi = ch.heat_range()
-        if not (np.isfinite(hi) and hi > lo):
-            return tile
-        v = np.clip((vals - lo) / (hi - lo), 0, 1)
-        v = np.where(inside & np.isfinite(v), v, 0)
-        alpha = (HEAT_ALPHA * np.sqrt(v))[..., None]
-        color = _LUT[np.rint(v * 255).astype(np.int64)]
-        out = rgb * (1 - alpha) + color * alpha
-    elif mode == "mask":
-        thr = float(info.threshold[ch.c])
-        if not np.isfinite(thr):
-            return tile
-        keep = (vals > thr) & inside
-        out = np.where(keep[..., None], rgb, rgb * MASK_DIM)
-        edge = keep & ~_erode(keep, 2 if side >= 96 else 1)
-        out[edge] = OUTLINE
-    else:
-        raise UsageError(f"unknown overlay {mode!r}; choose one of {', '.join(OVERLAYS)}")
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    out = overlays.overlay(
+        np.asarray(tile),
+        ch.heat[slot],
+        ch.records[slot]["box"],
+        mode,
+        field=info.field,
+        attrs=info.attrs,
+        input_size=info.input_size,
+        value_range=ch.heat_range(),
+        threshold=float(info.threshold[ch.c]),
+    )
+    return Image.fromarray(out)
 
 
-def _erode(m: np.ndarray, steps: int) -> np.ndarray:
-    for _ in range(steps):
-        p = np.pad(m, 1, constant_values=False)
-        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m
+def inside_part(box, patch_size: int, input_size: int) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the part of a box inside the input, in the pixels of its
+    ``patch_size`` patch, when the box is larger than the input on some axis; else None."""
+    y0, x0, y1, x1 = (float(v) for v in box)
+    s = input_size
+    if not s or (y1 - y0 <= s and x1 - x0 <= s):
+        return None
+    fy, fx = patch_size / (y1 - y0), patch_size / (x1 - x0)
+    t, b_ = (max(0.0, -y0) * fy, (min(y1, s) - y0) * fy)
+    left, r = (max(0.0, -x0) * fx, (min(x1, s) - x0) * fx)
+    part = (int(round(left)), int(round(t)), int(round(r)), int(round(b_)))
+    if part[2] - part[0] < 2 or part[3] - part[1] < 2:
+        return None
+    return part
+
+
+def montage_tile(ch: Channel, slot: int, side: int, overlay: str, inside: bool) -> Image.Image:
+    """Slot ``slot``'s patch as a ``side`` x ``side`` tile with its overlay; with ``inside``, a box
+    larger than the input shows only its part inside the input (the stored patch keeps the box)."""
+    tile = _overlay(_resize_tile(ch.patches[slot], side), ch, slot, overlay)
+    part = inside_part(ch.records[slot]["box"], side, ch.info.input_size) if inside else None
+    if part is None or ch.info.field.whole:
+        return tile
+    return _fit_square(tile.crop(part), side)
+
+
+def _fit_square(im: Image.Image, side: int) -> Image.Image:
+    """``im`` scaled to fit ``side`` x ``side``, centered on the background colour."""
+    f = side / max(im.width, im.height)
+    small = im.resize(
+        (max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.LANCZOS
+    )
+    if small.size == (side, side):
+        return small
+    out = Image.new("RGB", (side, side), EMPTY)
+    out.paste(small, ((side - small.width) // 2, (side - small.height) // 2))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,32 +382,32 @@ def _check_overlay(overlay: str) -> None:
         raise UsageError(f"unknown overlay {overlay!r}; choose one of {', '.join(OVERLAYS)}")
 
 
-def draw_montage(ch: Channel, overlay: str) -> Image.Image:
+def draw_montage(ch: Channel, overlay: str, inside: bool = True) -> Image.Image:
     """The montage of a `Channel` (see `montage`)."""
     info = ch.info
     g = montage_grid(info.k, info.patch_size)
     im = Image.new("RGB", g.size, BG)
     draw = ImageDraw.Draw(im)
     title = f"{info.name}  channel {ch.c}"
+    tokens = info.attrs.get("layout") == "tokens"
     if info.field.whole:
         title += "  (whole input)"
     right = "dead" if ch.dead else ""
-    if not right and overlay != "none" and not info.field.whole:
+    if not right and overlay != "none" and (tokens or not info.field.whole):
         right = f"overlay: {overlay}"
     _header(draw, g.size[0], title, right)
     for slot in range(info.k):
         tb = g.tile_box(slot)
         if slot < len(ch.records):
             rec = ch.records[slot]
-            tile = _overlay(_resize_tile(ch.patches[slot], g.tile), ch, slot, overlay)
-            im.paste(tile, tb[:2])
+            im.paste(montage_tile(ch, slot, g.tile, overlay, inside), tb[:2])
             _label(draw, g.label_box(slot), slot, rec["score"], _short(rec["path"]))
         else:
             im.paste(_empty_tile(g.tile), tb[:2])
     return im
 
 
-def montage(layer, channel: int, overlay: str = "none") -> Image.Image:
+def montage(layer, channel: int, overlay: str = "none", inside: bool = True) -> Image.Image:
     """The k winners of one channel as a grid of upscaled patches with rank, score and source.
 
     Args:
@@ -443,13 +415,14 @@ def montage(layer, channel: int, overlay: str = "none") -> Image.Image:
         channel: channel index.
         overlay: ``"heat"`` (the activation map, translucent), ``"mask"`` (NetDissect style: pixels
             above the channel's 0.995 activation quantile kept, the rest dimmed, outlined) or
-            ``"none"``. Whole-input layers have no overlay.
+            ``"none"``. Whole-input layers have no overlay (token layers show the token map).
+        inside: where a field is larger than the input, show only the box's part inside it.
 
     Returns:
         An RGB image; its layout is ``montage_grid(layer.k, layer.patch_size)``.
     """
     _check_overlay(overlay)
-    return draw_montage(Channel.read(layer, channel, LayerInfo.read(layer)), overlay)
+    return draw_montage(Channel.read(layer, channel, LayerInfo.read(layer)), overlay, inside)
 
 
 def _dead_tile(side: int) -> Image.Image:

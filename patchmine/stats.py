@@ -1,6 +1,6 @@
 """Running per-channel statistics of a node's activations: count, mean, std, max, quantiles.
 
-Public names: `RunningStats`.
+Public names: `RunningStats`, `bin_edges`.
 
 count, mean, std (population, ddof=0) and max cover every location of every image. Sums are per
 (image, channel) map in float32 (a function of the image alone), accumulated over images in
@@ -34,7 +34,7 @@ import torch
 
 from patchmine.maps import Maps, lattice, reduce_maps
 
-__all__ = ["RunningStats"]
+__all__ = ["RunningStats", "bin_edges"]
 
 _VERSION = 1
 _SHIFT = 18  # float32 bits dropped: 23 - 18 = 5 mantissa bits kept, 32 bins per octave
@@ -77,6 +77,13 @@ def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     pos_lo, pos_hi = torch.cat([lo, top]), torch.cat([hi, top])
     return (torch.cat([-pos_hi.flip(0), zero, pos_lo]),
             torch.cat([-pos_lo.flip(0), zero, pos_hi]))
+
+
+def bin_edges():
+    """(lo, hi) float64 numpy arrays: the value range of each bin of a state's ``hist`` (C, bins+1);
+    its last column (NaN) has no bin."""
+    lo, hi = _slot_edges()
+    return lo.numpy(), hi.numpy()
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ __all__ = [
 
 FORMAT = "patchmine"
 VERSION = 1
+READABLE = (1, 2)  # schema versions the reader accepts (v2 adds optional datasets)
 CHECKPOINT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 
@@ -396,11 +397,12 @@ class LayerResult:
         box_orig (C,k,4) float32: loaded on first access.
     """
 
-    def __init__(self, result: Result, name: str):
+    def __init__(self, result: Result, name: str, group: h5py.Group | None = None):
         self.result = result
         self.name = name
-        self._g = result.file["layers"][name]
-        self.attrs = {k: _plain(v) for k, v in self._g.attrs.items()}
+        self._layer_g = result.file["layers"][name]
+        self._g = self._layer_g if group is None else group
+        self.attrs = {k: _plain(v) for k, v in self._layer_g.attrs.items()}
         self.channels = int(self.attrs["channels"])
         self.k = int(self._g["score"].shape[1])
         self.patch_size = int(self.attrs["patch_size"])
@@ -418,8 +420,45 @@ class LayerResult:
     box_orig = property(lambda self: self._get("box_orig"))
 
     def patches(self, channel: int) -> np.ndarray:
-        """(k, P, P, 3) uint8 patches of one channel, best first."""
-        return self._g["patch"][channel]
+        """(k, P, P, 3) uint8 patches of one channel, best first (also from ``patch_ref``)."""
+        if "patch" in self._g or "patch_ref" not in self._g:
+            return self._g["patch"][channel]
+        ref = self._g["patch_ref"][channel]
+        thumbs = self.result.file["thumbs"]["patch"]
+        out = np.zeros((len(ref), *thumbs.shape[1:]), np.uint8)
+        for slot, r in enumerate(ref):
+            if r >= 0:
+                out[slot] = thumbs[int(r)]
+        return out
+
+    def projection(self, channel: int) -> np.ndarray | None:
+        """(k, P, P, 3) float16 projections of one channel's entries (v2), or None."""
+        return self._g["projection"][channel] if "projection" in self._g else None
+
+    @property
+    def bottom(self) -> LayerResult | None:
+        """The k most negative entries (v2 ``bottom/``, score ascending) as a LayerResult, or None."""
+        if self._g is not self._layer_g or "bottom" not in self._g:
+            return None
+        return LayerResult(self.result, self.name, self._g["bottom"])
+
+    @property
+    def class_mean(self) -> np.ndarray | None:
+        """(C, L) float32 class means of the per-image maximum (v2), or None."""
+        return self._layer_g["class_mean"][()] if "class_mean" in self._layer_g else None
+
+    @property
+    def selectivity(self) -> np.ndarray | None:
+        """(C,) float32 class selectivity index (v2), or None."""
+        return self._layer_g["selectivity"][()] if "selectivity" in self._layer_g else None
+
+    @property
+    def channel_names(self) -> list[str] | None:
+        """The channels' names (class names of logits, v2), or None."""
+        names = self.attrs.get("channel_names")
+        if names is None:
+            return None
+        return [names] if isinstance(names, str) else [_plain(n) for n in names]
 
     def heat(self, channel: int) -> np.ndarray:
         """(k, H, W) float16 activation maps of one channel on its top images."""
@@ -494,7 +533,7 @@ class Result:
             self.file.close()
             raise UsageError(f"not a patchmine result file: {self.path}")
         version = int(self.file.attrs.get("version", -1))
-        if version != VERSION:
+        if version not in READABLE:
             self.file.close()
             raise UsageError(
                 f"{self.path} has schema version {version}; this patchmine reads version {VERSION}"
@@ -517,6 +556,19 @@ class Result:
     @property
     def n_images(self) -> int:
         return len(self.image_paths)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """``/labels/names`` (v2, with --labels), or None."""
+        if "labels" not in self.file or "names" not in self.file["labels"]:
+            return None
+        return [_plain(n) for n in self.file["labels"]["names"][()]]
+
+    @property
+    def image_label(self) -> np.ndarray | None:
+        """(N,) int32 label index of each image, -1 for none (v2), or None."""
+        g = self.file["images"]
+        return g["label"][()] if "label" in g else None
 
     def image_file(self, i: int) -> Path:
         """Where image ``i`` was read from (its corpus root joined with its path)."""

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ import pytest
 from PIL import Image
 
 from patchmine.gallery import render
+from patchmine.store import open_result
 
 if __package__:  # tests/ is a package
-    from .test_render import make_result
+    from .test_render import add_v2, make_result
 else:  # tests/ is a plain folder on sys.path
-    from test_render import make_result
+    from test_render import add_v2, make_result
 
 # Appended to a copy of a page (beside it, so relative links resolve): once everything has loaded,
 # write what the browser decoded for every <img> and every CSS background picture into the DOM.
@@ -42,13 +44,33 @@ window.addEventListener('load', async () => {
     out.push({kind: 'bg', src: u, w: im.naturalWidth, h: im.naturalHeight});
   }
   const links = Array.from(document.links, a => a.getAttribute('href'));
+  const found = {};
+  const box = document.getElementById('filter');
+  if (box) {
+    for (const q of ['espresso', 'dog', '2']) {
+      box.value = q;
+      box.dispatchEvent(new Event('input'));
+      found[q] = Array.from(document.querySelectorAll('#hits a'), a => a.getAttribute('href'));
+    }
+  }
   const pre = document.createElement('pre');
   pre.id = 'pm-check';
-  pre.textContent = JSON.stringify({title: document.title, pics: out, links: links});
+  pre.textContent = JSON.stringify({title: document.title, pics: out, links: links,
+                                    errors: window.__pmErrors, found: found});
   document.body.appendChild(pre);
 });
 </script>
 """
+
+
+# First in <head>: collect script errors and console.error calls of the page.
+ERRORS = """<script>
+window.__pmErrors = [];
+window.addEventListener('error', e => window.__pmErrors.push(String(e.message || e.type)), true);
+const pmConsoleError = console.error;
+console.error = function () { window.__pmErrors.push(Array.from(arguments).join(' '));
+  pmConsoleError.apply(console, arguments); };
+</script>"""
 
 
 def _find_chromium() -> str | None:
@@ -96,9 +118,8 @@ def _browse(exe: str, tmp: Path, page: Path, *extra: str) -> subprocess.Complete
 def _decoded(exe: str, tmp: Path, page: Path) -> dict:
     """Load a copy of ``page`` with the check script; what the browser decoded."""
     probe = page.with_name(f"_probe_{page.name}")
-    probe.write_text(
-        page.read_text(encoding="utf-8").replace("</body>", CHECK + "</body>"), encoding="utf-8"
-    )
+    text = page.read_text(encoding="utf-8").replace("</body>", CHECK + "</body>")
+    probe.write_text(text.replace("<head>", "<head>" + ERRORS, 1), encoding="utf-8")
     try:
         p = _browse(exe, tmp, probe, "--dump-dom")
     finally:
@@ -114,34 +135,74 @@ def _decoded(exe: str, tmp: Path, page: Path) -> dict:
 def gallery(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     out = tmp / "gallery"
-    render(make_result(tmp), out, progress=False)
+    render(add_v2(make_result(tmp)), out, progress=False)
     return out
 
 
 def test_index_page_loads(chromium, gallery, tmp_path):
     got = _decoded(chromium, tmp_path, gallery / "index.html")
     assert got["title"] == "patchmine gallery"
-    assert "conv/index.html" in got["links"] and "fc/index.html" in got["links"]
+    assert got["errors"] == []  # no script error, no console error
+    assert "conv/index.html" in got["links"] and "fc/c0000.html" in got["links"]
+    sheets = [p for p in got["pics"] if p["kind"] == "img"]
+    assert {p["src"] for p in sheets} == {"conv/overview.webp", "fc/overview.webp"}
+    assert all(p["w"] > 0 and p["h"] > 0 for p in sheets)
+
+
+def test_index_filter_finds_channels(chromium, gallery, tmp_path):
+    found = _decoded(chromium, tmp_path, gallery / "index.html")["found"]
+    assert found["espresso"] == ["fc/c0002.html"]  # by class name
+    with open_result(gallery.parent / "result.h5") as r:  # by top label (cat, dog, fish)
+        dogs = []
+        for name in ("conv", "fc"):
+            for c, imgs in enumerate(r.layer(name).image):
+                got = Counter(int(r.image_label[i]) for i in imgs if i >= 0)
+                if got and got.most_common(1)[0][0] == 1:
+                    dogs.append(f"{name}/c{c:04d}.html")
+    assert found["dog"] == dogs and dogs
+    assert set(found["2"]) == {"conv/c0002.html", "fc/c0002.html"}  # by number
 
 
 def test_layer_page_shows_the_overview(chromium, gallery, tmp_path):
     got = _decoded(chromium, tmp_path, gallery / "conv" / "index.html")
-    bgs = [p for p in got["pics"] if p["kind"] == "bg"]
-    assert len(bgs) == 1 and bgs[0]["src"].endswith("overview.png")
-    w, h = Image.open(gallery / "conv" / "overview.png").size
-    assert (bgs[0]["w"], bgs[0]["h"]) == (w, h)
+    assert got["errors"] == []
+    imgs = [p for p in got["pics"] if p["kind"] == "img"]
+    assert [p["src"] for p in imgs] == ["overview.webp"]
+    w, h = Image.open(gallery / "conv" / "overview.webp").size
+    assert (imgs[0]["w"], imgs[0]["h"]) == (w, h)
     assert "c0000.html" in got["links"] and "../index.html" in got["links"]
 
 
 def test_channel_page_decodes_every_picture(chromium, gallery, tmp_path):
     page = gallery / "conv" / "c0001.html"
     got = _decoded(chromium, tmp_path, page)
-    imgs = [p for p in got["pics"] if p["kind"] == "img"]
-    assert {p["src"] for p in imgs} == {"c0001.png", "c0001_context.jpg"}
-    for p in imgs:
+    assert got["errors"] == []
+    pics = got["pics"]
+    for p in pics:  # computed style gives absolute URLs
+        p["src"] = p["src"].rsplit("/conv/", 1)[-1] if p["kind"] == "bg" else p["src"]
+    assert {p["src"] for p in pics if p["kind"] == "bg"} == {
+        "c0001.webp", "c0001_proj.webp", "c0001_bottom.webp", "c0001_bottom_proj.webp"
+    }  # fmt: skip
+    assert sum(p["kind"] == "img" for p in pics) == 9  # the originals of the context view
+    for p in pics:  # decoded by the browser at full size: no broken picture
         w, h = Image.open(page.parent / p["src"]).size
-        assert (p["w"], p["h"]) == (w, h), p  # decoded by the browser at full size
+        assert (p["w"], p["h"]) == (w, h), p
     assert {"c0000.html", "c0002.html", "index.html"} <= set(got["links"])
+
+
+def test_keyboard_moves_to_the_next_channel(chromium, gallery, tmp_path):
+    page = gallery / "conv" / "c0001.html"
+    probe = page.with_name("_probe_keys.html")
+    key = (
+        "<script>window.addEventListener('load', () => document.dispatchEvent("
+        "new KeyboardEvent('keydown', {key: 'ArrowRight', bubbles: true})));</script>"
+    )
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", key + "</body>"))
+    try:
+        p = _browse(chromium, tmp_path, probe, "--dump-dom")
+    finally:
+        probe.unlink()
+    assert "<title>conv · channel 2</title>" in p.stdout, p.stdout[:500]
 
 
 def test_channel_page_screenshot_is_not_blank(chromium, gallery, tmp_path):

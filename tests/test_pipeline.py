@@ -144,11 +144,11 @@ def test_render_table_selects_channels(job, capsys, channels):
     rc, _, err = run(capsys, str(job), "-q")
     assert rc == 0, err
     gallery = job.parent / "out/gallery"
-    folders = [p for p in gallery.iterdir() if p.is_dir()]
+    folders = [p for p in gallery.iterdir() if p.is_dir() and p.name != "img"]
     assert folders
     for folder in folders:
-        montages = sorted(p.name for p in folder.glob("c*.png"))
-        assert montages == ["c0000.png", "c0002.png", "c0003.png"], folder
+        pages = sorted(p.name for p in folder.glob("c*.html"))
+        assert pages == ["c0000.html", "c0002.html", "c0003.html"], folder
 
 
 def test_recipe_builds_the_corpus_once(tmp_path, tiny_model, capsys):
