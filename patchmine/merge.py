@@ -39,6 +39,7 @@ _SAME = [
     ("input_size", "input size"),
     ("mean", "preprocessing (mean)"),
     ("std", "preprocessing (std)"),
+    ("jpeg_draft", "JPEG draft decoding"),
     ("n_corpus", "corpus size"),
     ("corpus_fingerprint", "corpus (file list)"),
     ("corpus_roots", "corpus roots"),

@@ -163,8 +163,10 @@ class Miner:
         shard: tuple[int, int] | None = None,
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
+        jpeg_draft: bool = False,
     ):
         self.corpus = corpus
+        self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
         self.patch_size, self.shard = patch_size, shard
@@ -230,6 +232,7 @@ class Miner:
             "k": self.k,
             "per_image": self.per_image,
             "input_size": self.input_size,
+            "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -280,7 +283,9 @@ class Miner:
             return
         dev = self.device
         loader = make_loader(
-            CorpusDataset(self.corpus, self.input_size, range(self.cursor, self.span.stop)),
+            CorpusDataset(
+                self.corpus, self.input_size, range(self.cursor, self.span.stop), self.jpeg_draft
+            ),
             batch_size,
             workers,
             pin_memory=dev.type == "cuda",
@@ -414,6 +419,7 @@ class Miner:
             "model": lm.name,
             "weights": lm.weights,
             "input_size": self.input_size,
+            "jpeg_draft": self.jpeg_draft,
             "mean": list(lm.mean),
             "std": list(lm.std),
             "k": self.k,
@@ -479,6 +485,7 @@ class Miner:
                 self.device,
                 progress,
                 should_stop,
+                jpeg_draft=self.jpeg_draft,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -532,6 +539,7 @@ def mine(
     progress: bool = True,
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
+    jpeg_draft: bool = False,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -551,6 +559,9 @@ def mine(
         patch_size: largest stored patch side; larger receptive fields are resampled down.
         extra_attrs: more root attributes for the result file (str, numbers or lists of them),
             e.g. the settings a pipeline compares to decide whether the file is up to date.
+        jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
+            decode. Recorded as the root attribute ``jpeg_draft``.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -583,6 +594,7 @@ def mine(
         shard=shard,
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
+        jpeg_draft=jpeg_draft,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

@@ -198,6 +198,7 @@ def second_pass(
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     atol: float = 1e-4,
+    jpeg_draft: bool = False,
 ) -> dict[str, tuple[Scratch, Scratch]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
@@ -231,7 +232,7 @@ def second_pass(
     if not ids:
         return out
     loader = make_loader(
-        CorpusDataset(corpus, input_size, ids),
+        CorpusDataset(corpus, input_size, ids, jpeg_draft),
         batch_size,
         workers,
         pin_memory=device.type == "cuda",
