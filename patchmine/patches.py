@@ -53,9 +53,15 @@ def _windows(
     """
     h, w = size
     u, ih, iw, _ = images.shape
-    padded = np.empty((u, ih + 2 * h, iw + 2 * w, 3), np.uint8)
-    padded[...] = np.asarray(fill, np.uint8)
-    padded[:, h : h + ih, w : w + iw] = images.numpy()
+    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=torch.uint8)
+    big[:, h : h + ih, w : w + iw].copy_(images)  # one pass, also from a (B, 3, S, S) layout
+    padded = big.numpy()
+    row = np.tile(np.asarray(fill, np.uint8), iw + 2 * w)  # the border, as whole byte rows
+    rows = padded.reshape(u, ih + 2 * h, -1)
+    rows[:, :h] = row
+    rows[:, h + ih :] = row
+    rows[:, h : h + ih, : 3 * w] = row[: 3 * w]
+    rows[:, h : h + ih, 3 * (w + iw) :] = row[: 3 * w]
     b, r, c, _ = padded.strides
     view = np.lib.stride_tricks.as_strided(
         padded, (u, ih + h + 1, iw + w + 1, h, w * 3), (b, r, c, r, 1), writeable=False
