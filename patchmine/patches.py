@@ -52,21 +52,22 @@ def cut_patches(
     """Crop boxes out of images, filling outside the image with ``fill``; shrink to ``patch_size``.
 
     Args:
-        pixels: (B, 3, S, S) uint8 images.
+        pixels: (B, 3, S, S) uint8 images (or float maps, such as projections: same geometry, no
+            rounding).
         rows: (M,) which image each box is cut from.
         box: (M, 4) int y0, x0, y1, x1 half-open, may run past the image; all boxes of one size.
         patch_size: P; boxes larger than P (either side) are resampled to P x P.
         fill: the RGB color (0-255) outside the image.
 
     Returns:
-        (M, h, w, 3) uint8, a pixel-exact crop, when the box fits in P; else (M, P, P, 3): each
-        image is shrunk once by P / box size and pasted at the box's scaled, rounded position, so
+        (M, h, w, 3) of the dtype of ``pixels``, a pixel-exact crop, when the box fits in P; else
+        (M, P, P, 3): each image is shrunk once by P / box size and pasted at the box's scaled, rounded position, so
         memory and time follow P, not the box.
     """
     s = pixels.shape[-1]
     m = len(rows)
     h, w = int(box[0, 2] - box[0, 0]), int(box[0, 3] - box[0, 1])
-    color = torch.tensor(fill, dtype=torch.uint8, device=pixels.device).view(3, 1, 1)
+    color = torch.tensor(fill, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     if h <= patch_size and w <= patch_size:
         out = color.expand(m, 3, h, w).clone()
         for i, (r, (y0, x0, y1, x1)) in enumerate(zip(rows.tolist(), box.tolist(), strict=True)):
@@ -83,7 +84,10 @@ def cut_patches(
         antialias=True,
         align_corners=False,
     )
-    small = small.round_().clamp_(0, 255).to(torch.uint8)
+    if pixels.dtype == torch.uint8:
+        small = small.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        small = small.to(pixels.dtype)
     sh, sw = small.shape[-2:]
     out = color.expand(m, 3, patch_size, patch_size).clone()
     for i, (u, y0, x0) in enumerate(
