@@ -1,6 +1,6 @@
 """Projections: the backward signal of one unit onto the input pixels (ZFNet deconvnet, guided, gradient).
 
-Public names: METHODS, Projector, ProjectionBatch, ProjectionWarning, rectified_ops, cut_projections.
+Public names: METHODS, Projector, ProjectionWarning, rectified_ops, cut_projections.
 
 A projection is the derivative of one activation (node, channel, y, x of one image; the channel only
 for an ``(N, C)`` node) with respect to the [0, 1] RGB input, through the normalization, with the
@@ -19,10 +19,12 @@ rules live in a rewritten copy of the traced graph (the ReLU-family nodes call a
 Function; torchvision.ops leaf modules that contain such ops are retraced and rewritten the same
 way): torch is not patched and the model is not touched.
 
-Batching: one forward per image batch; then, per node, the entries are dealt into rounds holding at
-most one entry per image, and one backward per round gives every entry of the round at once (images
-of a batch are independent in eval mode). ``torch.autograd.grad(..., is_grads_batched=True)`` over
-the rounds was measured slower on CPU than this loop (4.1 s vs 2.7 s for 8 rounds of AlexNet conv5,
+Batching, per node (on the graph cut at that node): an image with c entries is stacked c / r times
+(rounded up) along the batch, and each backward takes one entry of every copy: r rounds of backward
+per forward, r chosen to minimize copies * (1 + r). An image that wins many channels thus does not
+make the other images of its batch run idle backwards (one shared forward with one entry per image
+per round wasted 4-11x on AlexNet's winners). ``torch.autograd.grad(..., is_grads_batched=True)``
+over the rounds was slower on CPU than this loop (4.1 s vs 2.7 s for 8 rounds of AlexNet conv5,
 batch 8) and gives the same numbers.
 """
 
@@ -45,7 +47,6 @@ from patchmine.taps import BATCH_MULTIPLE
 __all__ = [
     "METHODS",
     "Projector",
-    "ProjectionBatch",
     "ProjectionWarning",
     "rectified_ops",
     "cut_projections",
@@ -252,25 +253,36 @@ class Projector:
         layers: FX node names, as the ``Tap`` takes them.
         mean, std: the model's normalization of [0, 1] RGB input.
         method: one of ``METHODS``.
+        max_rows: most images (copies included) in one forward, which bounds memory.
 
     Attributes:
-        n_modified: how many ReLU-family ops (call sites) the method changed; 0 for gradient. A
-            ``ProjectionWarning`` is issued when deconvnet or guided changes none.
+        n_modified: how many ReLU-family ops (call sites) the method changed before the deepest
+            layer; 0 for gradient. A ``ProjectionWarning`` is issued when deconvnet or guided
+            changes none.
 
     Raises:
         KeyError: (``UnknownNameError``) an unknown method; the message lists the valid ones.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], mean, std, method: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        mean,
+        std,
+        method: str,
+        max_rows: int = 32,
+    ):
         if method not in METHODS:
             raise UnknownNameError(
                 f"unknown projection method {method!r}; valid: {', '.join(METHODS)}"
             )
-        self.method, self.layers = method, list(layers)
-        self.graph_module = create_feature_extractor(model.eval(), return_nodes=self.layers)
+        self.model, self.method, self.layers = model.eval(), method, list(layers)
+        self.max_rows = max(BATCH_MULTIPLE, max_rows - max_rows % BATCH_MULTIPLE)
+        self._graphs: dict[str, tuple[fx.GraphModule, int]] = {}
         self.n_modified = 0
         if method != "gradient":
-            self.n_modified = _rewrite(self.graph_module, guided=method == "guided")
+            self.n_modified = rectified_ops(model, self.layers)
             if self.n_modified == 0:
                 warnings.warn(
                     f"{type(model).__name__} has no ReLU-family op before {', '.join(self.layers)}: "
@@ -282,31 +294,35 @@ class Projector:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
 
-    def forward(self, pixels: torch.Tensor) -> ProjectionBatch:
-        """Run the batch forward once, keeping the graph for the entries' backward passes.
+    def _graph(self, node: str) -> fx.GraphModule:
+        """The graph cut at ``node`` (only its ancestors run), with the method's rules."""
+        if node not in self.layers:
+            raise UnknownNameError(f"node {node!r} is not one of the projector's {self.layers}")
+        if node not in self._graphs:
+            gm = create_feature_extractor(self.model, return_nodes=[node])
+            n = _rewrite(gm, guided=self.method == "guided") if self.method != "gradient" else 0
+            self._graphs[node] = (gm, n)
+        return self._graphs[node][0]
 
-        Args:
-            pixels: (B, 3, S, S) uint8 (0-255), or float in [0, 1]. Works under ``inference_mode``.
-
-        Returns:
-            a ``ProjectionBatch``; drop it to free the graph.
-        """
+    def _forward(self, pixels: torch.Tensor, node: str):
+        """(leaf, scale, node output) of a forward that keeps its graph; call with grad enabled."""
         n = pixels.shape[0]
-        pad = -n % BATCH_MULTIPLE
-        with torch.inference_mode(False), torch.enable_grad():
-            if pixels.dtype == torch.uint8:
-                leaf = pixels.float()  # a fresh tensor: an inference tensor's copy is a normal one
-                scale = 255.0
-                base = leaf.requires_grad_(True)
-            else:
-                leaf = pixels.clone().float().requires_grad_(True)
-                scale = 1.0
-                base = leaf * 255
-            x = (base - self.mean.to(pixels.device)) / self.std.to(pixels.device)
-            if pad:
-                x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-            out = self.graph_module(x)
-        return ProjectionBatch(leaf, scale, n, {k: out[k] for k in self.layers})
+        if pixels.dtype == torch.uint8:
+            leaf = pixels.float().requires_grad_(True)  # a fresh tensor, never an inference one
+            scale, base = 255.0, leaf
+        else:
+            leaf = pixels.clone().float().requires_grad_(True)
+            scale, base = 1.0, leaf * 255
+        x = (base - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+        pad = -n % BATCH_MULTIPLE  # as the Tap pads: kernels pick code paths by batch size
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        return leaf, scale, self._graph(node)(x)[node]
+
+    def activations(self, pixels: torch.Tensor, node: str) -> torch.Tensor:
+        """The node's output through the rewritten graph (the Tap's values), detached."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._forward(pixels, node)[2][: pixels.shape[0]].detach()
 
     def project(
         self,
@@ -315,84 +331,113 @@ class Projector:
         rows: Sequence[int] | np.ndarray,
         channels: Sequence[int] | np.ndarray,
         yx: np.ndarray | None = None,
-    ) -> torch.Tensor:
-        """Every entry's projection at once: ``forward(pixels).project(...)`` gathered.
-
-        Returns:
-            (M, 3, S, S) float32, in the order of ``rows``.
-        """
-        batch = self.forward(pixels)
-        m = len(rows)
-        out = torch.zeros((m, 3, *pixels.shape[-2:]), dtype=torch.float32, device=pixels.device)
-        for index, maps in batch.project(node, rows, channels, yx):
-            out[torch.from_numpy(index).to(out.device)] = maps
-        return out
-
-
-class ProjectionBatch:
-    """One image batch's forward (graph kept); ``project`` runs the backward passes.
-
-    Attributes:
-        activations: ``{node: (B, C, H, W) or (B, C)}`` detached activations of the batch (the
-            padding rows dropped).
-    """
-
-    def __init__(self, leaf, scale, n, outputs):
-        self._leaf, self._scale, self._n, self._outputs = leaf, scale, n, outputs
-        self.activations = {k: v[:n].detach() for k, v in outputs.items()}
-
-    def project(
-        self,
-        node: str,
-        rows: Sequence[int] | np.ndarray,
-        channels: Sequence[int] | np.ndarray,
-        yx: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Projections of entries of one node, one backward per round of at most one entry per image.
+        """Projections of entries of one node, computed a round of entries per backward.
+
+        An image with ``c`` entries is forwarded ``ceil(c / r)`` times (copies stacked along the
+        batch, at most ``max_rows`` rows per forward) and each backward takes one entry per copy;
+        ``r`` minimizes ``copies * (1 + r)`` (a backward costs about a forward), so an image that
+        wins many channels does not make every other image of the batch run idle backwards.
 
         Args:
+            pixels: (B, 3, S, S) uint8 (0-255), or float in [0, 1]. Works under ``inference_mode``.
             node: one of the projector's layers.
-            rows: (M,) the image of each entry (its row in the batch).
+            rows: (M,) the image of each entry (its row in ``pixels``).
             channels: (M,) the channel of each entry.
             yx: (M, 2) feature-map locations for an (N, C, H, W) node; ignored for (N, C).
 
         Yields:
             ``(index, maps)``: index (m,) int64 positions in the entries, maps (m, 3, S, S) float32
-            on the batch's device, d activation / d [0, 1] input.
+            on the pixels' device, d activation / d [0, 1] input, 0 outside the entry's field.
         """
-        if node not in self._outputs:
-            raise UnknownNameError(f"node {node!r} was not forwarded; have {list(self._outputs)}")
-        act = self._outputs[node]
+        self._graph(node)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         channels = np.asarray(channels, dtype=np.int64).reshape(-1)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self._n):
-            raise IndexError(f"rows must lie in [0, {self._n})")
+        if len(rows) == 0:
+            return
+        if rows.min() < 0 or rows.max() >= pixels.shape[0]:
+            raise IndexError(f"rows must lie in [0, {pixels.shape[0]})")
+        if yx is not None:
+            yx = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
+        copy_of, round_of = _pack(rows)
+        n_copies = int(copy_of.max()) + 1
+        for lo in range(0, n_copies, self.max_rows):
+            in_chunk = np.flatnonzero((copy_of >= lo) & (copy_of < lo + self.max_rows))
+            copy_rows = np.zeros(min(self.max_rows, n_copies - lo), dtype=np.int64)
+            copy_rows[copy_of[in_chunk] - lo] = rows[in_chunk]  # the image of each copy
+            yield from self._chunk(
+                pixels[torch.from_numpy(copy_rows).to(pixels.device)],
+                node,
+                in_chunk,
+                copy_of[in_chunk] - lo,
+                round_of[in_chunk],
+                channels[in_chunk],
+                None if yx is None else yx[in_chunk],
+            )
+
+    def _chunk(self, stacked, node, entry, copy_of, round_of, channels, yx):
+        # the grad-mode contexts close before each yield, or they would leak into the caller
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf, scale, act = self._forward(stacked, node)
         if act.ndim == 4:
             if yx is None:
                 raise ValueError(f"node {node!r} is (N, C, H, W): entries need yx")
-            yx = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
-            where = [rows, channels, yx[:, 0], yx[:, 1]]
+            unit = [copy_of, channels, yx[:, 0], yx[:, 1]]
         elif act.ndim == 2:
-            where = [rows, channels]
+            unit = [copy_of, channels]
         else:
             raise ValueError(f"node {node!r} has {act.ndim}-D output; projections need 2-D or 4-D")
-        order = np.argsort(rows, kind="stable")
-        first = np.searchsorted(rows[order], rows[order], side="left")
-        rank = np.empty_like(rows)
-        rank[order] = np.arange(len(rows)) - first  # 0 for an image's first entry, 1, 2, ...
-        for r in range(int(rank.max()) + 1 if len(rank) else 0):
-            index = np.flatnonzero(rank == r)
-            yield index, self._backward(act, [w[index] for w in where])
-
-    def _backward(self, act: torch.Tensor, where: list[np.ndarray]) -> torch.Tensor:
-        # not inside the generator's body: a yield inside these contexts would leak them to the caller
         device = act.device
-        with torch.inference_mode(False), torch.enable_grad():
-            seed = torch.zeros_like(act)
-            seed[tuple(torch.from_numpy(w).to(device) for w in where)] = 1
-            (grad,) = torch.autograd.grad(act, self._leaf, seed, retain_graph=True)
-            picked = grad[torch.from_numpy(where[0]).to(device)]
-            return picked.mul_(self._scale) if self._scale != 1 else picked
+        rounds = int(round_of.max()) + 1
+        for r in range(rounds):
+            where = np.flatnonzero(round_of == r)
+            with torch.inference_mode(False), torch.enable_grad():
+                seed = torch.zeros_like(act)
+                seed[tuple(torch.from_numpy(u[where]).to(device) for u in unit)] = 1
+                (grad,) = torch.autograd.grad(act, leaf, seed, retain_graph=r < rounds - 1)
+                maps = grad[torch.from_numpy(copy_of[where]).to(device)]
+                if scale != 1:
+                    maps.mul_(scale)
+            yield entry[where], maps
+
+    def project_all(
+        self,
+        pixels: torch.Tensor,
+        node: str,
+        rows: Sequence[int] | np.ndarray,
+        channels: Sequence[int] | np.ndarray,
+        yx: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """Every entry's projection gathered: (M, 3, S, S) float32, in the order of ``rows``."""
+        out = torch.zeros((len(rows), 3, *pixels.shape[-2:]), device=pixels.device)
+        for index, maps in self.project(pixels, node, rows, channels, yx):
+            out[torch.from_numpy(index).to(out.device)] = maps
+        return out
+
+
+def _pack(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deal entries into (copy, round): each copy holds one image, each round one entry per copy.
+
+    Returns:
+        copy_of (M,), round_of (M,): copies numbered image by image (an image's copies adjacent).
+    """
+    order = np.argsort(rows, kind="stable")
+    first = np.searchsorted(rows[order], rows[order], side="left")
+    rank = np.empty_like(rows)
+    rank[order] = np.arange(len(rows)) - first  # 0 for an image's first entry, 1, 2, ...
+    counts = np.bincount(rows)
+    counts = counts[counts > 0]
+    # copies * (1 + r): a forward of each copy plus r backward rounds over it
+    best = min(
+        range(1, int(counts.max()) + 1),
+        key=lambda r: (int(np.sum(-(-counts // r))) * (1 + r), r),
+    )
+    _, image_of = np.unique(rows, return_inverse=True)
+    copies = -(-counts // best)
+    start = np.concatenate([[0], np.cumsum(copies)[:-1]])
+    copy_of = start[image_of] + rank // best
+    round_of = rank % best
+    return copy_of.astype(np.int64), round_of.astype(np.int64)
 
 
 def cut_projections(maps: torch.Tensor, box: np.ndarray, patch_size: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from patchmine.projections import (
     METHODS,
     ProjectionWarning,
     Projector,
+    _pack,
     cut_projections,
     rectified_ops,
 )
@@ -71,12 +72,11 @@ def test_zero_outside_the_box(name, method):
     fields = receptive_fields(lm.module, S, layers)
     pixels = _pixels(3, seed=1)
     proj = Projector(lm.module, layers, lm.mean, lm.std, method)
-    batch = proj.forward(pixels)
     for node in layers:
-        shape = tuple(batch.activations[node].shape[1:])
+        shape = tuple(proj.activations(pixels, node).shape[1:])
         rows, channels, yx = _entries(shape, 3, 5, seed=len(node))
         seen = 0
-        for index, maps in batch.project(node, rows, channels, yx):
+        for index, maps in proj.project(pixels, node, rows, channels, yx):
             for i, m in zip(index, maps, strict=True):
                 f = fields[node]
                 y0, x0, y1, x1 = f.box(*yx[i]) if yx is not None else (0, 0, S, S)
@@ -138,9 +138,9 @@ def test_linear_network_equals_the_composite_kernel():
             with pytest.warns(ProjectionWarning, match="equals gradient"):
                 proj = Projector(net, ["conv2"], mean, std, method)
         assert proj.n_modified == 0
-        results[method] = proj.project(pixels, "conv2", rows, channels, yx)
+        results[method] = proj.project_all(pixels, "conv2", rows, channels, yx)
         # float input in [0, 1] gives the same derivative
-        floats = proj.project(pixels.float() / 255, "conv2", rows, channels, yx)
+        floats = proj.project_all(pixels.float() / 255, "conv2", rows, channels, yx)
         torch.testing.assert_close(floats, results[method], rtol=1e-6, atol=1e-9)
     for i, (c, (y, x)) in enumerate(zip(channels, yx, strict=True)):
         want = _composite_reference(w1, w2, net.conv1, net.conv2, std, c, y, x, size)
@@ -199,11 +199,10 @@ def test_rules_match_the_hook_reference(name, node, method):
     pixels = _pixels(2, seed=4)
     proj = Projector(lm.module, [node], lm.mean, lm.std, method)
     assert proj.n_modified > 0
-    batch = proj.forward(pixels)
-    shape = tuple(batch.activations[node].shape[1:])
+    shape = tuple(proj.activations(pixels, node).shape[1:])
     rows, channels, yx = _entries(shape, 2, 3, seed=7)
     got = torch.zeros(3, 3, S, S)
-    for index, maps in batch.project(node, rows, channels, yx):
+    for index, maps in proj.project(pixels, node, rows, channels, yx):
         got[index] = maps
     entries = [
         (int(r), int(c), None if yx is None else tuple(int(v) for v in yx[i]))
@@ -213,7 +212,7 @@ def test_rules_match_the_hook_reference(name, node, method):
     scale = float(want.abs().max())
     assert scale > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
-    plain = Projector(lm.module, [node], lm.mean, lm.std, "gradient").project(
+    plain = Projector(lm.module, [node], lm.mean, lm.std, "gradient").project_all(
         pixels, node, rows, channels, yx
     )
     assert not torch.allclose(got, plain), "the rule changed nothing"
@@ -279,14 +278,13 @@ def test_functional_relu_spellings(method):
     assert rectified_ops(net, ["last"]) == 9
     proj = Projector(net, ["last"], mean, std, method)
     assert proj.n_modified == 9
-    batch = proj.forward(pixels)
     with torch.no_grad():
         plain = net((pixels.float() / 255 - 0.5) / 0.25)
-    torch.testing.assert_close(batch.activations["last"], plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(proj.activations(pixels, "last"), plain, rtol=1e-6, atol=1e-6)
     rows, channels = np.array([0, 1, 1, 0]), np.array([0, 3, 5, 2])
     yx = np.array([[8, 8], [3, 12], [15, 0], [7, 9]])
     got = torch.zeros(4, 3, 16, 16)
-    for index, maps in batch.project("last", rows, channels, yx):
+    for index, maps in proj.project(pixels, "last", rows, channels, yx):
         got[index] = maps
 
     modules = _Modules(net).eval()
@@ -316,28 +314,52 @@ def test_batched_equals_unbatched(method):
     rows = np.array([0, 3, 3, 3, 1, 4, 0, 2])
     channels = np.array([1, 2, 2, 7, 60, 127, 1, 5])
     yx = np.array([[0, 0], [3, 4], [3, 5], [7, 7], [2, 2], [6, 1], [5, 5], [4, 4]])
-    together = proj.project(pixels, node, rows, channels, yx)
+    together = proj.project_all(pixels, node, rows, channels, yx)
     for i in range(len(rows)):
-        alone = proj.project(
+        alone = proj.project_all(
             pixels[rows[i] : rows[i] + 1], node, [0], channels[i : i + 1], yx[i : i + 1]
         )
         assert torch.equal(alone[0], together[i]), i
     # under inference_mode, as the second pass runs
     with torch.inference_mode():
-        again = proj.project(pixels, node, rows, channels, yx)
+        again = proj.project_all(pixels, node, rows, channels, yx)
     assert torch.equal(again, together)
+    # an image that wins many channels: stacked copies, several forwards of at most 8 rows
+    rng = np.random.default_rng(0)
+    rows = np.array([2] * 30 + [0, 1, 3, 4, 2])
+    channels = rng.integers(0, 128, len(rows))
+    yx = rng.integers(0, 8, (len(rows), 2))
+    copy_of, round_of = _pack(rows)
+    pairs = set(zip(copy_of.tolist(), round_of.tolist(), strict=True))
+    assert len(pairs) == len(rows)  # one entry per copy and round
+    assert all(len(set(rows[copy_of == c])) == 1 for c in np.unique(copy_of))
+    assert copy_of.max() + 1 > 5  # the busy image was copied
+    small = Projector(lm.module, [node], lm.mean, lm.std, method, max_rows=8)
+    together = small.project_all(pixels, node, rows, channels, yx)
+    for i in range(0, len(rows), 7):
+        alone = proj.project_all(
+            pixels[rows[i] : rows[i] + 1], node, [0], channels[i : i + 1], yx[i : i + 1]
+        )
+        assert torch.equal(alone[0], together[i]), i
+    default = proj.project_all(pixels, node, rows, channels, yx)
+    torch.testing.assert_close(
+        default, together, rtol=1e-5, atol=1e-6 * float(together.abs().max())
+    )
 
 
 def test_activations_equal_the_tap():
+    # each node alone: a Tap that also returns a later node shows an output that an in-place
+    # ReLU after it has overwritten (AlexNet's features.10 then reads as features.11)
     lm = _model("alexnet")
     layers = ["features.1", "features.10", "classifier.6"]
     pixels = _pixels(3, seed=6)
-    with torch.inference_mode():
-        want = Tap(lm.module, layers, lm.mean, lm.std)(pixels)
     for method in METHODS:
-        got = Projector(lm.module, layers, lm.mean, lm.std, method).forward(pixels).activations
+        proj = Projector(lm.module, layers, lm.mean, lm.std, method)
         for node in layers:
-            assert torch.equal(got[node], want[node]), (method, node)
+            with torch.inference_mode():
+                want = Tap(lm.module, [node], lm.mean, lm.std)(pixels)[node]
+            assert torch.equal(proj.activations(pixels, node), want), (method, node)
+    assert proj.activations(pixels, "features.10").min() < 0  # before its ReLU
 
 
 def test_model_unchanged():
@@ -351,8 +373,8 @@ def test_model_unchanged():
     kinds = [type(m) for m in model.modules()]
     for method in METHODS:
         proj = Projector(model, ["layer3.1.add", "fc"], lm.mean, lm.std, method)
-        proj.project(pixels, "fc", [0, 1], [3, 9])
-        proj.project(pixels, "layer3.1.add", [1], [4], [[1, 1]])
+        proj.project_all(pixels, "fc", [0, 1], [3, 9])
+        proj.project_all(pixels, "layer3.1.add", [1], [4], [[1, 1]])
     assert [type(m) for m in model.modules()] == kinds
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     after_state = model.state_dict()
