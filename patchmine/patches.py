@@ -53,10 +53,10 @@ def _windows(
     """
     h, w = size
     u, ih, iw, _ = images.shape
-    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=torch.uint8)
+    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=images.dtype)
     big[:, h : h + ih, w : w + iw].copy_(images)  # one pass, also from a (B, 3, S, S) layout
     padded = big.numpy()
-    row = np.tile(np.asarray(fill, np.uint8), iw + 2 * w)  # the border, as whole byte rows
+    row = np.tile(np.asarray(fill, padded.dtype), iw + 2 * w)  # the border, as whole rows
     rows = padded.reshape(u, ih + 2 * h, -1)
     rows[:, :h] = row
     rows[:, h + ih :] = row
@@ -64,7 +64,10 @@ def _windows(
     rows[:, h : h + ih, 3 * (w + iw) :] = row[: 3 * w]
     b, r, c, _ = padded.strides
     view = np.lib.stride_tricks.as_strided(
-        padded, (u, ih + h + 1, iw + w + 1, h, w * 3), (b, r, c, r, 1), writeable=False
+        padded,
+        (u, ih + h + 1, iw + w + 1, h, w * 3),
+        (b, r, c, r, padded.itemsize),
+        writeable=False,
     )
     ys = np.clip(y0, -h, ih).astype(np.intp) + h
     xs = np.clip(x0, -w, iw).astype(np.intp) + w
@@ -81,16 +84,17 @@ def cut_patches(
     """Crop boxes out of images, filling outside the image with ``fill``; shrink to ``patch_size``.
 
     Args:
-        pixels: (B, 3, S, S) uint8 images.
+        pixels: (B, 3, S, S) uint8 images (or float maps, such as projections: same geometry, no
+            rounding).
         rows: (M,) which image each box is cut from.
         box: (M, 4) int y0, x0, y1, x1 half-open, may run past the image; all boxes of one size.
         patch_size: P; boxes larger than P (either side) are resampled to P x P.
         fill: the RGB color (0-255) outside the image.
 
     Returns:
-        (M, h, w, 3) uint8, a pixel-exact crop, when the box fits in P; else (M, P, P, 3): each
-        image is shrunk once by P / box size and pasted at the box's scaled, rounded position, so
-        memory and time follow P, not the box.
+        (M, h, w, 3) of the dtype of ``pixels``, a pixel-exact crop, when the box fits in P; else
+        (M, P, P, 3): each image is shrunk once by P / box size and pasted at the box's scaled,
+        rounded position, so memory and time follow P, not the box.
     """
     s = pixels.shape[-1]
     h, w = int(box[0, 2] - box[0, 0]), int(box[0, 3] - box[0, 1])
@@ -108,7 +112,11 @@ def cut_patches(
         antialias=True,
         align_corners=False,
     )
-    small = small.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    if pixels.dtype == torch.uint8:
+        small = small.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        small = small.to(pixels.dtype)
+    small = small.permute(0, 2, 3, 1)
     # the image's top-left corner sits at (round(-y0 * fy), round(-x0 * fx)) in the patch
     py, px = np.round(-y0 * fy).astype(np.int64), np.round(-x0 * fx).astype(np.int64)
     return _windows(small, which, -py, -px, (patch_size, patch_size), fill)
