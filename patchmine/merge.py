@@ -6,9 +6,9 @@ Shard i of N holds images ``i * n // N : (i + 1) * n // N`` of the corpus, index
 own top-k and statistics state. The merged file is what one run over the whole corpus writes: per
 channel the top-k over every shard's entries under the exact tie rule (score descending, global image
 ascending, flat location ascending: ``TopK.merge`` over states rebuilt from the files), each winner's
-box, patch and heat map copied from its shard (no image is read, no model run), and the statistics
-merged from the files' ``stats/state`` accumulators. Files that do not belong together (model,
-weights, layers, k, per-image, preprocessing, corpus), an incomplete or overlapping set of shards and
+box, patch, heat map (and projection) copied from its shard (no image is read, no model run), and
+the statistics merged from the files' ``stats/state`` accumulators. Files that do not belong
+together (model, weights, layers, k, per-image, preprocessing, corpus, projection), an incomplete or overlapping set of shards and
 files that are not patchmine results are refused with a UsageError naming the difference.
 """
 
@@ -44,6 +44,7 @@ _SAME = [
     ("n_corpus", "corpus size"),
     ("corpus_fingerprint", "corpus (file list)"),
     ("corpus_roots", "corpus roots"),
+    ("projection", "projection method"),
 ]
 
 
@@ -207,6 +208,14 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
         else:
             stats.merge(rs)
     state = stats.state_dict()
+    projection, projection_attrs = None, {}
+    if first.projection_attrs is not None:
+        if any(lr.projection_attrs != first.projection_attrs for lr in layers):
+            raise UsageError(f"cannot merge: the shards' projections of layer {name} differ")
+        projection = _Picked(
+            patch_shape, np.float16, 0, src, slot, lambda s, c: layers[s].projection(c)
+        )
+        projection_attrs = first.projection_attrs
     return store.LayerData(
         attrs=dict(a),
         score=res["score"],
@@ -218,6 +227,8 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
         heat=_Picked((C, k, H, W), np.float16, 0, src, slot, lambda s, c: layers[s].heat(c)),
         stats={key: v.cpu().numpy() for key, v in stats.result().items()},
         stats_state={key: v.numpy() for key, v in state.items() if isinstance(v, torch.Tensor)},
+        projection=projection,
+        projection_attrs=projection_attrs,
     )
 
 

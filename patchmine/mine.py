@@ -30,7 +30,8 @@ from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, print
 from patchmine.errors import UsageError, differences
 from patchmine.maps import reduce_maps
 from patchmine.models import load_model
-from patchmine.patches import LayerPlan, second_pass
+from patchmine.patches import LayerPlan, Scratch, second_pass
+from patchmine.projections import Projector, check_method
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
@@ -163,7 +164,9 @@ class Miner:
         extra_attrs: dict | None = None,
         resize: int | None = None,
         jpeg_draft: bool = False,
+        projection: str | None = None,
     ):
+        self.projection = check_method(projection)
         self.corpus = corpus
         self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
@@ -226,6 +229,7 @@ class Miner:
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
             "part": list(self.part) if self.part else None,
+            "projection": self.projection,
         }
 
     def state_dict(self) -> dict:
@@ -371,10 +375,17 @@ class Miner:
             plans.append(LayerPlan(n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"]))
         return plans
 
-    def layer_data(self, plan: LayerPlan, patch: np.ndarray, heat: np.ndarray) -> store.LayerData:
+    def layer_data(
+        self,
+        plan: LayerPlan,
+        patch: np.ndarray,
+        heat: np.ndarray,
+        projection: Scratch | None = None,
+        projector: Projector | None = None,
+    ) -> store.LayerData:
         """One layer's datasets for the file, with image indices local to this slice."""
         st = self.stats[plan.name]
-        return store.layer_data(
+        data = store.layer_data(
             plan,
             patch,
             heat,
@@ -387,6 +398,10 @@ class Miner:
             transform=self.transform,
             start=self.start,
         )
+        if projection is not None and projector is not None:
+            data.projection = projection
+            data.projection_attrs = projection_attrs(projector, plan.name)
+        return data
 
     def write(self, out: Path, layers: dict[str, store.LayerData], should_stop) -> None:
         """Write the result file of this slice (``start:stop``) atomically."""
@@ -410,6 +425,8 @@ class Miner:
             "transform": self.transform,
             "error": self.error,
         }
+        if self.projection is not None:
+            attrs["projection"] = self.projection
         images = store.image_table(self.corpus, records, rows)
         store.write_result(out, {**attrs, **self.extra_attrs}, images, layers, should_stop)
 
@@ -433,6 +450,16 @@ class Miner:
         writes = team is None or team.leader
         where = out.parent if writes else None
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=where))
+        projector = None
+        if self.projection is not None:
+            projector = Projector(
+                self.model.module,
+                self.layers,
+                self.model.mean,
+                self.model.std,
+                self.projection,
+                max_rows=batch_size,
+            )
         try:
             t0 = time.perf_counter()
             cut = second_pass(
@@ -449,12 +476,13 @@ class Miner:
                 should_stop,
                 resize=self.resize,
                 jpeg_draft=self.jpeg_draft,
+                projector=projector,
             )
             if team is not None:
                 team.collect(own, cut)
             t1 = time.perf_counter()
             if writes:
-                layers = {p.name: self.layer_data(p, *cut[p.name]) for p in plans}
+                layers = {p.name: self.layer_data(p, *cut[p.name], projector) for p in plans}
                 if should_stop():
                     raise KeyboardInterrupt
                 self.write(out, layers, should_stop)
@@ -474,6 +502,11 @@ class Miner:
             write_seconds=t2 - t1,
             winner_images=len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))),
         )
+
+
+def projection_attrs(projector: Projector, node: str) -> dict:
+    """The attributes of a layer's ``projection`` dataset: the method and the ops it modified."""
+    return {"method": projector.method, "n_modified": projector.modified(node)}
 
 
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
@@ -504,6 +537,7 @@ def mine(
     extra_attrs: dict | None = None,
     resize: int | None = None,
     jpeg_draft: bool = False,
+    projection: str | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -528,6 +562,9 @@ def mine(
         jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
             (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
             decode. Recorded as the root attribute ``jpeg_draft``.
+        projection: ``deconvnet``, ``guided``, ``gradient`` or ``none`` (None): store every kept
+            entry's projection (`patchmine.projections`), computed in the second pass. Recorded as
+            the root attribute ``projection`` (absent for none).
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -543,6 +580,7 @@ def mine(
             raise UsageError(f"{what} must be at least 1, got {v}")
     if resize is not None and resize < 1:
         raise UsageError(f"resize must be at least 1, got {resize}")
+    projection = check_method(projection)
     out = store.check_writable(out, force=force, resume=resume)
     team = distributed.from_env(device)  # under torchrun: one rank of several
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
@@ -564,6 +602,7 @@ def mine(
         part=None if team is None else team.part,
         resize=resize,
         jpeg_draft=jpeg_draft,
+        projection=projection,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

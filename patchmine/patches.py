@@ -1,4 +1,5 @@
-"""The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores.
+"""The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores
+(and, with a projector, compute every entry's projection).
 
 Public names: LayerPlan, Scratch, ScoreMismatch, cut_patches, second_pass.
 
@@ -14,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 
 from patchmine.corpus import Corpus, CorpusDataset, make_loader
 from patchmine.receptive import Field, boxes
+
+if TYPE_CHECKING:
+    from patchmine.projections import Projector
 
 __all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass"]
 
@@ -214,18 +219,23 @@ def second_pass(
     atol: float = 1e-4,
     resize: int | None = None,
     jpeg_draft: bool = False,
-) -> dict[str, tuple[Scratch, Scratch]]:
+    projector: Projector | None = None,
+) -> dict[str, tuple[Scratch, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
+    With a ``projector`` (built for the plans' nodes), every entry's projection is computed from
+    the same batch of pixels (batched backwards, see `patchmine.projections.Projector.project`)
+    and cut like its patch.
 
     Returns:
-        node -> (patch (C, k, P', P', 3) uint8, heat (C, k, H, W) float16) as :class:`Scratch`
-        arrays (files in ``scratch`` when large). P' is the patch size, or the box size when the
-        box is smaller.
+        node -> (patch (C, k, P', P', 3) uint8, heat (C, k, H, W) float16, projection
+        (C, k, P', P', 3) float16 or None without a projector) as :class:`Scratch` arrays (files
+        in ``scratch`` when large). P' is the patch size, or the box size when the box is smaller.
+        Unused slots hold the fill color (patch) and zeros (heat, projection).
     """
     device = torch.device(device)
-    out: dict[str, tuple[Scratch, Scratch]] = {}
+    out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     winners: set[int] = set()
     for p in plans:
@@ -235,12 +245,15 @@ def second_pass(
         safe = p.name.replace(os.sep, "_")
         patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
+        proj = None
+        if projector is not None:
+            proj = Scratch(scratch / f"{safe}.projection", (c, k, ph, pw, 3), np.float16)
         flat = p.image.reshape(-1)
         unused = np.flatnonzero(flat < 0)
         if len(unused):  # empty slots: fill
             color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
             patch.put(unused, color)
-        out[p.name] = (patch, heat)
+        out[p.name] = (patch, heat, proj)
         entries = np.flatnonzero(flat >= 0)
         order = entries[np.argsort(flat[entries], kind="stable")]
         owners[p.name] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
@@ -255,16 +268,19 @@ def second_pass(
         pin_memory=device.type == "cuda",
     )
 
+    def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's flat entries whose image is in the batch, and their rows in it."""
+        img_sorted, entry = owners[p.name]
+        lo = np.searchsorted(img_sorted, index[0], side="left")
+        hi = np.searchsorted(img_sorted, index[-1], side="right")
+        return entry[lo:hi], np.searchsorted(index, img_sorted[lo:hi])
+
     def fill_batch(acts: dict[str, torch.Tensor], index: np.ndarray, pixels_cpu: torch.Tensor):
         # a function, so that no name holds the activations into the next batch's forward
         for p in plans:
-            img_sorted, entry = owners[p.name]
-            lo = np.searchsorted(img_sorted, index[0], side="left")
-            hi = np.searchsorted(img_sorted, index[-1], side="right")
-            if hi <= lo:
+            e, row = entries(p, index)
+            if not len(e):
                 continue
-            e = entry[lo:hi]
-            row = np.searchsorted(index, img_sorted[lo:hi])  # position in the batch
             k = p.score.shape[1]
             ch = e // k
             a = acts[p.name]
@@ -281,13 +297,26 @@ def second_pass(
                     f"now gives {got[j]:.6g}, the first pass gave {want[j]:.6g}; the file changed "
                     "or the model is not deterministic"
                 )
-            patch, heat = out[p.name]
+            patch, heat, _ = out[p.name]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
                 part = slice(lo, lo + _CHUNK)
                 cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
                 patch.put(e[part], cut.numpy())
+
+    def project_batch(index: np.ndarray, pixels: torch.Tensor) -> None:
+        from patchmine.projections import cut_projections
+
+        for p in plans:
+            e, row = entries(p, index)
+            if not len(e):
+                continue
+            yx = p.yx.reshape(-1, 2)[e]
+            bx = boxes(p.field, yx)
+            proj = out[p.name][2]
+            for at, maps in projector.project(pixels, p.name, row, e // p.score.shape[1], yx):
+                proj.put(e[at], cut_projections(maps, bx[at], p.patch_size))
 
     from tqdm.auto import tqdm  # imported where used: startup
 
@@ -302,7 +331,10 @@ def second_pass(
                 f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
             )
         index = batch["index"].numpy()
-        fill_batch(tap(batch["pixels"].to(device, non_blocking=True)), index, batch["pixels"])
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        fill_batch(tap(pixels), index, batch["pixels"])
+        if projector is not None:
+            project_batch(index, pixels)
         bar.update(len(index))
     bar.close()
     return out

@@ -89,6 +89,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
         "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
+        "projection": ("str", False, "deconvnet, guided, gradient or none: per-entry projections"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -133,6 +134,8 @@ class Pipeline:
         s["corpus"] = corpus.fingerprint()
         if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
             s["jpeg_draft"] = True
+        if self.mine.get("projection") not in (None, "none"):  # the same
+            s["projection"] = self.mine["projection"]
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -267,6 +270,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         mine["model"] = _resolve_model(base, mine["model"])
     if "weights" in mine:
         mine["weights"] = _resolve_weights(base, mine["weights"])
+    if mine.get("projection", "none") not in ("deconvnet", "guided", "gradient", "none"):
+        raise UsageError(
+            f"{path} [mine]: projection must be deconvnet, guided, gradient or none, "
+            f"got {mine['projection']!r}"
+        )
     gallery, render_kw = None, {}
     if render is not None:
         render_kw = dict(render)

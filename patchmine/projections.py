@@ -1,6 +1,6 @@
 """Projections: the backward signal of one unit onto the input pixels (ZFNet deconvnet, guided, gradient).
 
-Public names: METHODS, Projector, ProjectionWarning, rectified_ops, cut_projections.
+Public names: METHODS, check_method, Projector, ProjectionWarning, rectified_ops, cut_projections.
 
 A projection is the derivative of one activation (node, channel, y, x of one image; the channel only
 for an ``(N, C)`` node) with respect to the [0, 1] RGB input, through the normalization, with the
@@ -46,6 +46,7 @@ from patchmine.taps import BATCH_MULTIPLE
 
 __all__ = [
     "METHODS",
+    "check_method",
     "Projector",
     "ProjectionWarning",
     "rectified_ops",
@@ -53,6 +54,21 @@ __all__ = [
 ]
 
 METHODS = ("gradient", "deconvnet", "guided")
+
+
+def check_method(method: str | None) -> str | None:
+    """A ``--projection`` value checked: one of ``METHODS``, or None for ``none`` (and None).
+
+    Raises:
+        UnknownNameError: any other name; the message lists the valid ones.
+    """
+    if method is None or method == "none":
+        return None
+    if method not in METHODS:
+        raise UnknownNameError(
+            f"unknown projection method {method!r}; valid: {', '.join(METHODS)}, none"
+        )
+    return method
 
 
 class ProjectionWarning(UserWarning):
@@ -303,6 +319,11 @@ class Projector:
             n = _rewrite(gm, guided=self.method == "guided") if self.method != "gradient" else 0
             self._graphs[node] = (gm, n)
         return self._graphs[node][0]
+
+    def modified(self, node: str) -> int:
+        """How many ReLU-family ops the method changed on the way to ``node`` (0 for gradient)."""
+        self._graph(node)
+        return self._graphs[node][1]
 
     def _forward(self, pixels: torch.Tensor, node: str):
         """(leaf, scale, node output) of a forward that keeps its graph; call with grad enabled."""

@@ -1,7 +1,8 @@
 """Result files (HDF5 schema version 1) and checkpoints: the only module that touches h5py.
 
-Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result, Result,
-LayerResult, open_result, save_checkpoint, load_checkpoint, load_plain, check_writable, WriteError.
+Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result,
+replace_projections, Result, LayerResult, open_result, save_checkpoint, load_checkpoint,
+load_plain, check_writable, WriteError.
 
 Every write is atomic: data goes to a temporary file beside the target, which is renamed over it only
 when complete, so a reader sees a whole file or none.
@@ -39,6 +40,7 @@ __all__ = [
     "run_attrs",
     "image_table",
     "write_result",
+    "replace_projections",
     "Result",
     "LayerResult",
     "open_result",
@@ -60,8 +62,9 @@ _STR = h5py.string_dtype("utf-8")
 class LayerData:
     """Everything one layer contributes to a result file.
 
-    ``patch`` (C, k, P, P, 3) uint8 and ``heat`` (C, k, H, W) float16 may be memory maps: they are
-    copied one channel at a time.
+    ``patch`` (C, k, P, P, 3) uint8, ``heat`` (C, k, H, W) float16 and ``projection``
+    (C, k, P, P, 3) float16 (optional, with its dataset attributes ``projection_attrs``) may be
+    anything indexable by channel (scratch arrays): they are copied one channel at a time.
     """
 
     attrs: dict
@@ -74,6 +77,8 @@ class LayerData:
     heat: np.ndarray
     stats: dict[str, np.ndarray]
     stats_state: dict[str, np.ndarray] = field(default_factory=dict)
+    projection: np.ndarray | None = None
+    projection_attrs: dict = field(default_factory=dict)
 
 
 def layer_data(
@@ -374,11 +379,16 @@ def _write_layer(g: h5py.Group, d: LayerData, should_stop=lambda: False) -> None
         compression="gzip",
         compression_opts=1,
     )
+    proj = None
+    if d.projection is not None:
+        proj = _projection_dataset(g, d.projection.shape, d.projection_attrs)
     for ch in range(c):
         if should_stop():
             raise KeyboardInterrupt
         patch[ch] = d.patch[ch]
         heat[ch] = d.heat[ch]
+        if proj is not None:
+            proj[ch] = d.projection[ch]
     s = g.create_group("stats")
     for key, value in d.stats.items():
         if key == "q":
@@ -390,6 +400,85 @@ def _write_layer(g: h5py.Group, d: LayerData, should_stop=lambda: False) -> None
         st = s.create_group("state")
         for key, value in d.stats_state.items():
             st.create_dataset(key, data=np.asarray(value))
+
+
+def _projection_dataset(g: h5py.Group, shape: tuple, attrs: dict) -> h5py.Dataset:
+    ds = g.create_dataset(
+        "projection",
+        shape=shape,
+        dtype=np.float16,
+        chunks=(1, *shape[1:]),
+        compression="gzip",
+        compression_opts=1,
+    )
+    _set_attrs(ds, attrs)
+    return ds
+
+
+def _copy_without(src: h5py.Group, dst: h5py.Group, skip: set[str]) -> None:
+    """Copy ``src``'s attributes and members into ``dst``, leaving out the paths in ``skip``."""
+    for key in src.attrs:  # with their stored types (utf-8 strings stay utf-8 strings)
+        dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+    for name, obj in src.items():
+        if obj.name in skip:
+            continue
+        if isinstance(obj, h5py.Group) and any(p.startswith(obj.name + "/") for p in skip):
+            _copy_without(obj, dst.create_group(name), skip)
+        else:
+            src.copy(obj, dst, name=name)
+
+
+def replace_projections(
+    path: str | os.PathLike,
+    root_attrs: dict,
+    layers: dict[str, tuple[object, dict]],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Rewrite a result file with new ``projection`` datasets, atomically.
+
+    Everything else is copied as it is (HDF5 object copies: no data changes); existing projection
+    datasets of the layers are dropped. The new file replaces ``path`` only when complete.
+
+    Args:
+        root_attrs: root attributes to set (or overwrite), e.g. ``projection``.
+        layers: node name -> (projection (C, k, P, P, 3) float16, indexable by channel; its
+            dataset attributes). Layers not named keep no projection.
+
+    Raises:
+        WriteError: the file could not be written; ``path`` is left as it was.
+    """
+    path = Path(path)
+    closed = True
+    try:
+        with h5py.File(path, "r") as src, _atomic(path) as tmp:
+            f = h5py.File(tmp, "w", libver=("v108", "v110"))
+            fd = f.id.get_vfd_handle()
+            try:
+                skip = set()
+                for name in src["layers"]:
+                    for where in (f"/layers/{name}", f"/layers/{name}/bottom"):
+                        if where in src:
+                            skip.add(f"{where}/projection")
+                _copy_without(src, f, skip)
+                _set_attrs(f, root_attrs)
+                for name, (proj, attrs) in layers.items():
+                    ds = _projection_dataset(f["layers"][name], proj.shape, attrs)
+                    for ch in range(proj.shape[0]):
+                        if should_stop():
+                            raise KeyboardInterrupt
+                        ds[ch] = proj[ch]
+                f.flush()
+                f.close()
+            except BaseException:
+                closed = _abandon(f, fd, tmp)
+                raise
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "errno = " not in str(e):
+            raise
+        err = _write_error(path, e)
+        err.stuck = not closed
+        raise err from e
+    return path
 
 
 class LayerResult:
@@ -436,8 +525,20 @@ class LayerResult:
         return out
 
     def projection(self, channel: int) -> np.ndarray | None:
-        """(k, P, P, 3) float16 projections of one channel's entries (v2), or None."""
-        return self._g["projection"][channel] if "projection" in self._g else None
+        """(k, P, P, 3) float32 projections of one channel's entries (v2, stored as float16), or
+        None when the file has none. Aligned with :meth:`patches` pixel for pixel; 0 in unused
+        slots."""
+        if "projection" not in self._g:
+            return None
+        return self._g["projection"][channel].astype(np.float32)
+
+    @property
+    def projection_attrs(self) -> dict | None:
+        """The projections' ``method`` (deconvnet, guided, gradient) and ``n_modified`` (how many
+        ReLU-family ops the method changed on the way to this node), or None without them."""
+        if "projection" not in self._g:
+            return None
+        return {k: _plain(v) for k, v in self._g["projection"].attrs.items()}
 
     @property
     def bottom(self) -> LayerResult | None:
