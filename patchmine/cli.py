@@ -225,6 +225,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
         if "allocator" in a:
             print(f"  allocator  {a['allocator']}")
+        if "projection" in a:
+            print(f"  projection {a['projection']} (per entry, beside each patch)")
         print("  layers")
         for name in r.layers:
             lr = r.layer(name)

@@ -236,3 +236,15 @@ def test_pipeline_key(tmp_path):
     toml.write_text(body.format("guide"))
     with pytest.raises(UsageError, match="deconvnet, guided, gradient or none"):
         load_pipeline(toml)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path, corpus, tiny_model, mined):
+    """The second pass spread over two ranks gathers the projections too."""
+    from tests.test_scaleout import _finish, _torchrun
+
+    out = tmp_path / "tr.h5"
+    args = [str(corpus), "--out", str(out), "--model", tiny_model, "--weights", "none"]
+    args += ["--layers", ",".join(LAYERS), "-k", "4", "--input-size", "64", "-b", "4", "-j", "0"]
+    _finish(_torchrun(2, [*args, "--projection", "deconvnet", "-q"]))
+    assert_same_file(mined("deconvnet"), out)
