@@ -198,6 +198,7 @@ def _runnable(command: str, tmp: Path) -> list[str]:
     return [str(ROOT / a) if not (tmp / a).exists() and (ROOT / a).exists() else a for a in argv]
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path):
     examples = readme_examples()
     commands = [c for c, _ in examples]
