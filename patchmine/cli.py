@@ -176,6 +176,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
+            jpeg_draft=args.jpeg_draft,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
     p.add_argument("--patch-size", type=_positive, default=96,
                    help="largest stored patch side; larger fields are resampled (default 96)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
+                        "(faster; pixels close to, not equal to, a full decode)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
                    help="save progress every N batches (default 50; 0 never)")

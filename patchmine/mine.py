@@ -162,8 +162,10 @@ class Miner:
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
         resize: int | None = None,
+        jpeg_draft: bool = False,
     ):
         self.corpus = corpus
+        self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
         self.resize = input_size if resize is None else resize
@@ -220,6 +222,7 @@ class Miner:
             "per_image": self.per_image,
             "input_size": self.input_size,
             "resize": self.resize,
+            "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -269,7 +272,11 @@ class Miner:
         dev = self.device
         loader = make_loader(
             CorpusDataset(
-                self.corpus, self.input_size, range(self.cursor, self.span.stop), self.resize
+                self.corpus,
+                self.input_size,
+                range(self.cursor, self.span.stop),
+                self.resize,
+                self.jpeg_draft,
             ),
             batch_size,
             workers,
@@ -393,6 +400,7 @@ class Miner:
             layers=self.layers,
             input_size=self.input_size,
             resize=self.resize,
+            jpeg_draft=self.jpeg_draft,
             k=self.k,
             per_image=self.per_image,
             rows=rows,
@@ -443,6 +451,7 @@ class Miner:
                 progress,
                 should_stop,
                 resize=self.resize,
+                jpeg_draft=self.jpeg_draft,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -514,6 +523,7 @@ def mine(
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
     resize: int | None = None,
+    jpeg_draft: bool = False,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -535,6 +545,9 @@ def mine(
         patch_size: largest stored patch side; larger receptive fields are resampled down.
         extra_attrs: more root attributes for the result file (str, numbers or lists of them),
             e.g. the settings a pipeline compares to decide whether the file is up to date.
+        jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
+            decode. Recorded as the root attribute ``jpeg_draft``.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -570,6 +583,7 @@ def mine(
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
         resize=resize,
+        jpeg_draft=jpeg_draft,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

@@ -88,6 +88,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "input_size": ("int", False, "input side"),
         "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
+        "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -130,6 +131,8 @@ class Pipeline:
         """What the result file depends on (compared with the one recorded in it)."""
         s = {key: self.mine.get(key) for key in _RESULT_KEYS}
         s["corpus"] = corpus.fingerprint()
+        if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
+            s["jpeg_draft"] = True
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -164,6 +167,10 @@ def _check(where: str, key: str, kind: str, value):
         low = 1 if kind == "int" else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise bad(f"a whole number >= {low}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
         return value
     if kind == "channels":
         from patchmine.cli import parse_channels
