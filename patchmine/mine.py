@@ -531,7 +531,8 @@ def mine(
         sources: image folders and/or text files listing images.
         out: the result file (HDF5, schema version 1), written atomically.
         model, weights: see :func:`patchmine.models.load_model` (default: embedded EfficientNet-Lite0).
-        layers: node names (``patchmine layers MODEL``); default: the last node of each map size.
+        layers: node or module names (``patchmine layers MODEL``); ``None``: the model's default
+            set (an empty list is refused).
         k: entries kept per channel. per_image: entries one image may contribute per channel.
         input_size: images are resized (shorter side) and center-cropped to this square.
         resize: the shorter side before the center crop (default ``input_size``), as torchvision's
