@@ -147,8 +147,11 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
     H, W = (int(v) for v in a["fmap_hw"])
     per_image = int(shards[0].attrs["per_image"])
 
+    token = "token_rf_size" in a and a.get("rf_whole")  # suppression on a token's own patch
+    size, stride = (a["token_rf_size"], a["token_rf_stride"]) if token else (a["rf_size"], a["rf_stride"])
+
     def collector() -> TopK:
-        return TopK(C, k, per_image, (H, W), tuple(a["rf_size"]), tuple(a["rf_stride"]))
+        return TopK(C, k, per_image, (H, W), tuple(size), tuple(stride))
 
     merged = collector()
     keys = []

@@ -32,9 +32,10 @@ from patchmine.errors import UsageError
 from patchmine.maps import reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
-from patchmine.receptive import boxes, receptive_fields, to_original
+from patchmine.receptive import boxes, to_original
 from patchmine.stats import RunningStats
-from patchmine.taps import Tap, default_layers, node_shapes, resolve_layers
+from patchmine.taps import Tap, default_layers, resolve_layers
+from patchmine.tokens import minable
 from patchmine.topk import TopK
 
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
@@ -183,19 +184,16 @@ class Miner:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(device)!r} asked for, but CUDA is not available here")
         self.model = load_model(model, weights, input_size)
-        every = node_shapes(self.model.module, input_size)
-        fields = receptive_fields(self.model.module, input_size)  # nodes that have a field
-        self.shapes = {n: s for n, s in every.items() if n in fields}
-        for name in layers or ():
-            if name in every and name not in fields:  # raises, saying where the field was lost
-                receptive_fields(self.model.module, input_size, [name])
+        found = minable(self.model.module, input_size)  # nodes with a field, token nodes too
+        self.shapes, fields, self.views = found.shapes, found.fields, found.views
+        found.check(layers or ())  # a node that exists but cannot be mined: one line saying why
         if layers:
             self.layers = resolve_layers(self.shapes, layers)
         else:
             self.layers = list(self.model.default_layers) or default_layers(self.shapes)
         self.fields = {n: fields[n] for n in self.layers}
         self.model.module.to(self.device)
-        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
+        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std, self.views)
         self.tap.to(self.device).eval()
         self.topk = {
             name: TopK(
@@ -203,8 +201,7 @@ class Miner:
                 k,
                 per_image,
                 self.fmap_hw(name),
-                self.fields[name].size,
-                self.fields[name].stride,
+                *_nms_geometry(self.fields[name]),
                 device=self.device,
             )
             for name in self.layers
@@ -392,6 +389,7 @@ class Miner:
                 "rf_offset": list(f.offset),
                 "rf_whole": bool(f.whole),
                 "patch_size": plan.patch_size,
+                **_layout_attrs(f),
             },
             score=plan.score,
             image=np.where(used, plan.image - self.start, -1),
@@ -504,6 +502,28 @@ class Miner:
             write_seconds=t2 - t1,
             winner_images=len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))),
         )
+
+
+def _nms_geometry(f) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Field size and stride for per-image suppression: a token's own patch on token grids."""
+    g = f.unit if f.whole and f.unit is not None else f
+    return g.size, g.stride
+
+
+def _layout_attrs(f) -> dict:
+    """Schema v2 layer attrs: the layout, and the token grid and each token's own patch."""
+    attrs: dict = {"layout": f.layout}
+    if f.grid is not None:
+        attrs["token_grid"] = list(f.grid)
+    if f.prefix:
+        attrs["prefix_tokens"] = f.prefix
+    if f.unit is not None:
+        attrs.update(
+            token_rf_size=list(f.unit.size),
+            token_rf_stride=list(f.unit.stride),
+            token_rf_offset=list(f.unit.offset),
+        )
+    return attrs
 
 
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:

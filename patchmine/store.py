@@ -1,4 +1,4 @@
-"""Result files (HDF5 schema version 1) and checkpoints: the only module that touches h5py.
+"""Result files (HDF5 schema version 2) and checkpoints: the only module that touches h5py.
 
 Public names: FORMAT, VERSION, LayerData, write_result, Result, LayerResult, open_result,
 save_checkpoint, load_checkpoint, check_writable.
@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 FORMAT = "patchmine"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the schema versions this patchmine reads
 CHECKPOINT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 
@@ -403,10 +404,10 @@ class Result:
             self.file.close()
             raise UsageError(f"not a patchmine result file: {self.path}")
         version = int(self.file.attrs.get("version", -1))
-        if version != VERSION:
+        if version not in READS:
             self.file.close()
             raise UsageError(
-                f"{self.path} has schema version {version}; this patchmine reads version {VERSION}"
+                f"{self.path} has schema version {version}; this patchmine reads versions 1 and 2"
             )
         self.attrs = {k: _plain(v) for k, v in self.file.attrs.items()}
         self.layers = list(self.attrs.get("layer_order") or self.file["layers"].keys())

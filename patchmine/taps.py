@@ -1,6 +1,6 @@
 """Activations of named graph nodes, via torchvision's FX feature extraction.
 
-Public names: layer_names, node_shapes, resolve_layers, default_layers, Tap.
+Public names: layer_names, node_shapes, output_shapes, resolve_layers, default_layers, Tap.
 
 Layer names are the dotted FX node names torchvision's ``get_graph_node_names`` reports (``features.3``,
 ``layer1.0.relu_1``, ``add_3``), never re-joined with ``_``.
@@ -16,7 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
 
-__all__ = ["layer_names", "node_shapes", "resolve_layers", "default_layers", "Tap"]
+__all__ = ["layer_names", "node_shapes", "output_shapes", "resolve_layers", "default_layers", "Tap"]
 
 # Batches are padded to a multiple of this many images before the forward pass: CPU kernels pick code
 # paths by batch size (a batch of 1, or a GEMM row remainder), so an unpadded forward could change an
@@ -47,6 +47,20 @@ def node_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]
         n: tuple(v.shape[1:])
         for n, v in out.items()
         if isinstance(v, torch.Tensor) and v.ndim in (2, 4) and v.shape[0] == 2
+    }
+
+
+@torch.inference_mode()
+def output_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every node with a tensor output of 2 to 5 dims (tokens too)."""
+    names = layer_names(model)
+    extractor = create_feature_extractor(model.eval(), return_nodes=names)
+    device = next(model.parameters(), torch.empty(0)).device
+    out = extractor(torch.zeros(2, 3, input_size, input_size, device=device))
+    return {
+        n: tuple(v.shape[1:])
+        for n, v in out.items()
+        if isinstance(v, torch.Tensor) and 2 <= v.ndim <= 5 and v.shape[0] == 2
     }
 
 
@@ -83,12 +97,16 @@ class Tap(nn.Module):
     Calling it with ``pixels`` (N, 3, S, S) uint8 returns ``{node: (N, C, H, W) or (N, C)}`` float32
     activations: the pixels are scaled to [0, 1], normalized with the model's mean/std and the batch
     is padded to a multiple of ``BATCH_MULTIPLE`` (the padding rows are dropped from the output).
+    ``views`` (from `patchmine.tokens.minable`) names, for token, prefix (``@cls``) and channel-last
+    nodes, the graph node to tap and how to turn its output into such a map.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], mean, std):
+    def __init__(self, model: nn.Module, layers: Sequence[str], mean, std, views=None):
         super().__init__()
         self.layers = list(layers)
-        self.extractor = create_feature_extractor(model.eval(), return_nodes=self.layers)
+        self.views = {n: views[n] for n in self.layers if n in (views or {})}
+        tapped = list(dict.fromkeys(self.views[n].node if n in self.views else n for n in layers))
+        self.extractor = create_feature_extractor(model.eval(), return_nodes=tapped)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
@@ -99,4 +117,8 @@ class Tap(nn.Module):
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         out = self.extractor(x)
-        return {k: out[k][:n].float() for k in self.layers}
+        views = self.views
+        return {
+            k: (views[k](out[views[k].node][:n]) if k in views else out[k][:n]).float()
+            for k in self.layers
+        }

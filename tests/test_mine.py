@@ -161,7 +161,7 @@ def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
             "corpus_roots",
         ]:
             assert key in a, key
-        assert a["format"] == "patchmine" and a["version"] == 1
+        assert a["format"] == "patchmine" and a["version"] == 2
         pool, head = r.layer("pool"), r.layer("head")
         assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
         assert pool.patches(0).shape == (3, 9, 9, 3)

@@ -10,6 +10,7 @@ of its inputs' fields, while each channel of it only sees its own branch's.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -270,9 +271,11 @@ def test_unknown_node_lists_nearest():
 def test_channels_last_nodes_inside_convnext_block():
     model = _tv("convnext_tiny")
     fields = receptive_fields(model, 64)
-    assert "features.1.0.block.2" not in fields  # LayerNorm over channels-last (N, H, W, C)
+    assert fields["features.1.0.block.2"].layout == "nhwc"  # LayerNorm over (N, H, W, C)
     asked = receptive_fields(model, 64, ["features.1.0.block.0", "features.1.0.block.3"])
-    assert asked["features.1.0.block.3"] == asked["features.1.0.block.0"]  # Linear is pointwise
+    conv, linear = asked["features.1.0.block.0"], asked["features.1.0.block.3"]
+    assert conv.layout == "nchw" and linear.layout == "nhwc" and linear.unit == conv
+    assert replace(linear, layout="nchw", unit=None) == conv  # Linear is pointwise
 
 
 # ---------------------------------------------------------------------------------------------
