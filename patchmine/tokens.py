@@ -85,7 +85,9 @@ class Minable:
                 continue
             base = name.removesuffix(CLS_SUFFIX)
             if base != name and base in self.shapes:
-                raise UsageError(f"node {base!r} has no prefix (class) tokens: there is no {name!r}")
+                raise UsageError(
+                    f"node {base!r} has no prefix (class) tokens: there is no {name!r}"
+                )
             if base in self.outputs:
                 receptive_fields(self.model, self.input_size, [base])  # raises, saying why
                 raise UsageError(

@@ -10,8 +10,8 @@ of its inputs' fields, while each channel of it only sees its own branch's.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -400,7 +400,9 @@ class _Gate(nn.Module):
 def test_gates_reductions_and_softmax():
     f = receptive_fields(_Gate(), 16, ["mul", "flatten", "softmax", "softmax_1"])
     assert f["mul"].whole and f["flatten"].whole and f["softmax_1"].whole
-    assert f["softmax"] == Field((3, 3), (1, 1), (-1, -1))  # over channels (channels-last)
+    softmax = f["softmax"]  # over channels (channels-last)
+    assert softmax.layout == "nhwc" and softmax.unit == Field((3, 3), (1, 1), (-1, -1))
+    assert replace(softmax, layout="nchw", unit=None) == Field((3, 3), (1, 1), (-1, -1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -277,3 +277,12 @@ def test_resume_and_merge_of_token_nodes(tmp_path, models, corpus):
         mine([corpus], part, shard=(i, 2), batch_size=5, **common)
     merged = merge(parts, tmp_path / "merged.h5")
     assert_same_file(whole, merged)
+
+
+def test_vit_pipeline_layers_are_minable():
+    from patchmine.pipeline import load_pipeline
+
+    job = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines/vit.toml")
+    assert job.mine["model"] == "vit_b_16" and job.mine["weights"] == "DEFAULT"
+    found = minable(load_model("vit_b_16", "none", 224).module, 224)
+    assert set(job.mine["layers"]) <= set(found.shapes)
