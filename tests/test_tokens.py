@@ -84,7 +84,7 @@ def corpus(tmp_path_factory) -> Path:
 def _pixels(folder: Path) -> torch.Tensor:
     files = sorted(folder.glob("*.png"))
     return torch.stack(
-        [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+        [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
     )
 
 
