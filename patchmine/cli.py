@@ -93,27 +93,30 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from patchmine.models import load_model
-    from patchmine.receptive import receptive_fields
-    from patchmine.taps import node_shapes
+    from patchmine.tokens import minable
 
     lm = load_model(args.model, args.weights, args.input_size)
-    shapes = node_shapes(lm.module, args.input_size)
-    fields = receptive_fields(lm.module, args.input_size)  # nodes without a field are left out
-    rows = [("node", "output (C,H,W)", "rf size", "stride", "offset")]
-    for name, shape in shapes.items():
-        f = fields.get(name)
+    found = minable(lm.module, args.input_size)  # nodes without a field are left out
+    rows = [("node", "output (C,H,W)", "rf size", "stride", "offset", "layout")]
+
+    def pair(v: tuple[int, int]) -> str:
+        return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+    for name, shape in found.shapes.items():
+        f = found.fields[name]
         out = "(" + ",".join(str(s) for s in shape) + ")"
-
-        def pair(v: tuple[int, int]) -> str:
-            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
-
-        if f is None:
-            rows.append((name, out, "none", "-", "-"))
-        elif f.whole:
-            rows.append((name, out, "whole", "-", "-"))
+        layout = f.layout
+        if f.grid is not None:
+            layout += f" {f.prefix}+{f.grid[0]}x{f.grid[1]}"
+        elif f.prefix:
+            layout = f"{f.prefix} prefix token" + "s" * (f.prefix > 1)
+        if f.unit is not None and f.whole:
+            layout += f" (token {pair(f.unit.size)}/{pair(f.unit.stride)})"
+        if f.whole:
+            rows.append((name, out, "whole", "-", "-", layout))
         else:
-            rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset), layout))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     print(f"# {lm.name}  weights={lm.weights}  input={args.input_size}x{args.input_size}")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="result file (.h5)")
     _model_args(p)
     p.add_argument("--layers", "-l", type=_csv, default=None,
-                   help="comma-separated node names (default: the last node of each map size)")
+                   help="comma-separated node names (default: about five, early to late)")
     p.add_argument("-k", type=_positive, default=9, help="entries per channel (default 9)")
     p.add_argument("--per-image", type=_positive, default=1,
                    help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)")

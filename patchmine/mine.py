@@ -187,7 +187,8 @@ class Miner:
         self.layers, self.shapes, self.fields = chosen.names, chosen.shapes, chosen.fields
         self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
-        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
+        lm = self.model
+        self.tap = Tap(lm.module, self.layers, lm.mean, lm.std, chosen.views)
         self.tap.to(self.device).eval()
         self.topk = {
             name: TopK(
@@ -195,8 +196,8 @@ class Miner:
                 k,
                 per_image,
                 self.fmap_hw(name),
-                self.fields[name].size,
-                self.fields[name].stride,
+                self.fields[name].suppression.size,
+                self.fields[name].suppression.stride,
                 device=self.device,
             )
             for name in self.layers
@@ -499,9 +500,9 @@ def mine(
 
     Args:
         sources: image folders and/or text files listing images.
-        out: the result file (HDF5, schema version 1), written atomically.
+        out: the result file (HDF5, schema version 2), written atomically.
         model, weights: see :func:`patchmine.models.load_model` (default: embedded EfficientNet-Lite0).
-        layers: node names (``patchmine layers MODEL``); default: the last node of each map size.
+        layers: node names (``patchmine layers MODEL``); default: `patchmine.taps.default_layers`.
         k: entries kept per channel. per_image: entries one image may contribute per channel.
         input_size: images are resized (shorter side) and center-cropped to this square.
         resize: the shorter side before the center crop (default ``input_size``), as torchvision's
