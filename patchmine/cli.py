@@ -106,15 +106,14 @@ def _model_args(
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from patchmine.models import load_model
-    from patchmine.receptive import receptive_fields
-    from patchmine.taps import default_layers, layer_names, module_outputs, node_shapes
+    from patchmine.taps import default_layers, layer_names, module_outputs
+    from patchmine.tokens import minable
 
     # the table is the architecture's: built without weights, whatever --weights says
     lm = load_model(args.model, "none", args.input_size)
-    shapes = node_shapes(lm.module, args.input_size)
-    fields = receptive_fields(lm.module, args.input_size)  # nodes without a field are left out
-    minable = {n: s for n, s in shapes.items() if n in fields}
-    defaults = set(lm.default_layers or default_layers(minable))
+    found = minable(lm.module, args.input_size)  # nodes without a field are left out
+    shapes, fields = found.shapes, found.fields
+    defaults = set(lm.default_layers or default_layers(shapes))
     modules = {  # the blocks (modules that hold others) -> their output nodes, in module order
         m: node
         for m, node in module_outputs(layer_names(lm.module)).items()
@@ -128,20 +127,26 @@ def cmd_layers(args: argparse.Namespace) -> int:
         return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
     def columns(name: str) -> tuple[str, ...]:
-        f = fields.get(name)
+        f = fields[name]
         out = "(" + ",".join(str(s) for s in shapes[name]) + ")"
-        if f is None:
-            return out, "none", "-", "-"
+        layout = f.layout
+        if f.grid is not None:
+            layout += f" {f.prefix}+{f.grid[0]}x{f.grid[1]}"
+        elif f.prefix:
+            layout = f"{f.prefix} prefix token" + "s" * (f.prefix > 1)
+        if f.unit is not None and f.whole:
+            layout += f" (token {pair(f.unit.size)}/{pair(f.unit.stride)})"
         if f.whole:
-            return out, "whole", "-", "-"
-        return out, pair(f.size), pair(f.stride), pair(f.offset)
+            return out, "whole", "-", "-", layout
+        return out, pair(f.size), pair(f.stride), pair(f.offset), layout
 
     mark = {True: "*", False: ""}
+    head = ("output (C,H,W)", "rf size", "stride", "offset", "layout")
     if args.modules:
-        rows = [("", "module", "node", "output (C,H,W)", "rf size", "stride", "offset")]
+        rows = [("", "module", "node", *head)]
         rows += [(mark[node in defaults], m, node, *columns(node)) for m, node in modules.items()]
     else:
-        rows = [("", "node", "output (C,H,W)", "rf size", "stride", "offset", "module")]
+        rows = [("", "node", *head, "module")]
         rows += [
             (mark[name in defaults], name, *columns(name), ", ".join(blocks.get(name, ())))
             for name in shapes

@@ -190,7 +190,8 @@ class Miner:
         self.nodes = chosen.nodes  # a module name -> the node it means
         self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
-        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
+        lm = self.model
+        self.tap = Tap(lm.module, self.layers, lm.mean, lm.std, chosen.views)
         self.tap.to(self.device).eval()
         self.topk = {
             name: TopK(
@@ -198,8 +199,8 @@ class Miner:
                 k,
                 per_image,
                 self.fmap_hw(name),
-                self.fields[name].size,
-                self.fields[name].stride,
+                self.fields[name].suppression.size,
+                self.fields[name].suppression.stride,
                 device=self.device,
             )
             for name in self.layers
@@ -529,7 +530,7 @@ def mine(
 
     Args:
         sources: image folders and/or text files listing images.
-        out: the result file (HDF5, schema version 1), written atomically.
+        out: the result file (HDF5, schema version 2), written atomically.
         model, weights: see :func:`patchmine.models.load_model` (default: embedded EfficientNet-Lite0).
         layers: node or module names (``patchmine layers MODEL``); ``None``: the model's default
             set (an empty list is refused).

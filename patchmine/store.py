@@ -1,4 +1,4 @@
-"""Result files (HDF5 schema version 1) and checkpoints: the only module that touches h5py.
+"""Result files (HDF5 schema version 2) and checkpoints: the only module that touches h5py.
 
 Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result, Result,
 LayerResult, open_result, save_checkpoint, load_checkpoint, load_plain, check_writable, WriteError.
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from patchmine.corpus import Corpus
     from patchmine.models import LoadedModel
     from patchmine.patches import LayerPlan
+    from patchmine.receptive import Field
 
 __all__ = [
     "FORMAT",
@@ -50,8 +51,8 @@ __all__ = [
 ]
 
 FORMAT = "patchmine"
-VERSION = 1
-READABLE = (1, 2)  # schema versions the reader accepts (v2 adds optional datasets)
+VERSION = 2
+READS = (1, 2)  # the schema versions this patchmine reads
 CHECKPOINT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 
@@ -111,6 +112,7 @@ def layer_data(
             "rf_offset": list(f.offset),
             "rf_whole": bool(f.whole),
             "patch_size": plan.patch_size,
+            **_layout_attrs(f),
         },
         score=plan.score,
         image=np.where(used, plan.image - start, -1),
@@ -122,6 +124,22 @@ def layer_data(
         stats=stats,
         stats_state=stats_state,
     )
+
+
+def _layout_attrs(f: Field) -> dict:
+    """Schema v2 layer attrs: the layout, the token grid and prefix tokens, each unit's own patch."""
+    attrs: dict = {"layout": f.layout}
+    if f.grid is not None:
+        attrs["token_grid"] = list(f.grid)
+    if f.prefix:
+        attrs["prefix_tokens"] = f.prefix
+    if f.unit is not None:
+        attrs.update(
+            token_rf_size=list(f.unit.size),
+            token_rf_stride=list(f.unit.stride),
+            token_rf_offset=list(f.unit.offset),
+        )
+    return attrs
 
 
 def run_attrs(
@@ -564,10 +582,11 @@ class Result:
             self.file.close()
             raise UsageError(f"not a patchmine result file: {self.path}")
         version = int(self.file.attrs.get("version", -1))
-        if version not in READABLE:
+        if version not in READS:
             self.file.close()
             raise UsageError(
-                f"{self.path} has schema version {version}; this patchmine reads version {VERSION}"
+                f"{self.path} has schema version {version}; this patchmine reads versions "
+                + " and ".join(str(v) for v in READS)
             )
         self.attrs = {k: _plain(v) for k, v in self.file.attrs.items()}
         self.layers = list(self.attrs.get("layer_order") or self.file["layers"].keys())

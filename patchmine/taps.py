@@ -1,6 +1,7 @@
 """Activations of named graph nodes, via torchvision's FX feature extraction.
 
-Public names: layer_names, node_shapes, module_outputs, resolve_layers, default_layers, Layers,
+Public names: layer_names, node_shapes, output_shapes, module_outputs, resolve_layers,
+default_layers, Layers,
 select_layers, Tap.
 
 Layer names are the dotted FX node names torchvision's ``get_graph_node_names`` reports (``features.3``,
@@ -13,20 +14,25 @@ as the output key; the node it means is recorded beside it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
-from patchmine.receptive import Field, receptive_fields
+from patchmine.receptive import Field
+
+if TYPE_CHECKING:
+    from patchmine.tokens import View
 
 __all__ = [
     "layer_names",
     "node_shapes",
     "module_outputs",
+    "output_shapes",
     "resolve_layers",
     "default_layers",
     "Layers",
@@ -35,9 +41,11 @@ __all__ = [
 ]
 
 # Batches are padded to a multiple of this many images before the forward pass: CPU kernels pick code
-# paths by batch size (a batch of 1, or a GEMM row remainder), so an unpadded forward could change an
-# activation's last bits with the batch size, and with it the result file.
-BATCH_MULTIPLE = 8
+# paths by batch size, so an unpadded forward could change an activation's last bits with the batch
+# size, and with it the result file. PyTorch runs a float32 1x1 convolution single-threaded with its
+# native kernel below a batch of 16 and with oneDNN from 16 on (ATen's ConvParams::use_mkldnn), and
+# the two sum in different orders: 16, not 8, so that every forward takes the oneDNN path.
+BATCH_MULTIPLE = 16
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -52,9 +60,14 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n in names[1:] if n != "output"]
 
 
-@torch.inference_mode()
 def node_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     """Per-image output shape of each node with a 4-D (N,C,H,W) or 2-D (N,C) tensor output."""
+    return {n: s for n, s in output_shapes(model, input_size).items() if len(s) in (1, 3)}
+
+
+@torch.inference_mode()
+def output_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every node with a tensor output of 2 to 5 dims (tokens too)."""
     names = layer_names(model)
     extractor = create_feature_extractor(model.eval(), return_nodes=names)
     device = next(model.parameters(), torch.empty(0)).device
@@ -62,7 +75,7 @@ def node_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]
     return {
         n: tuple(v.shape[1:])
         for n, v in out.items()
-        if isinstance(v, torch.Tensor) and v.ndim in (2, 4) and v.shape[0] == 2
+        if isinstance(v, torch.Tensor) and 2 <= v.ndim <= 5 and v.shape[0] == 2
     }
 
 
@@ -153,16 +166,39 @@ def resolve_layers(
 
 
 def default_layers(shapes: dict[str, tuple[int, ...]], count: int = 5) -> list[str]:
-    """About ``count`` layers from early to late: the last node of each feature-map size."""
-    last: dict[tuple[int, ...], str] = {}
-    for name, shape in shapes.items():
-        if len(shape) == 3 and shape[1] > 1:
-            last[shape[1:]] = name
-    picks = list(last.values())
+    """About ``count`` layers from early to late, out of ``shapes`` (graph order).
+
+    The candidates are the last node of each feature-map size (a CNN's stages) and, where those are
+    fewer than ``count``, also the last node of each numbered block (``features.5.3``,
+    ``encoder.layers.encoder_layer_5``): a transformer keeps one token grid from its patch embedding
+    to its head, so its depth shows in its blocks, not in its map sizes. Evenly spaced picks are
+    taken from the candidates when there are more than ``count``, the first and the last kept.
+    """
+    maps = [name for name, shape in shapes.items() if len(shape) == 3 and shape[1] > 1]
+    last: dict[tuple[int, ...] | str, str] = {}
+    for name in maps:
+        last[shapes[name][1:]] = name
+    if len(last) < count:
+        for name in maps:
+            block = _block(name)
+            if block is not None:
+                last[block] = name
+    ends = set(last.values())
+    picks = [name for name in maps if name in ends]
     if len(picks) > count:
         step = (len(picks) - 1) / (count - 1)
         picks = [picks[round(i * step)] for i in range(count)]
     return picks
+
+
+def _block(name: str) -> str | None:
+    """The numbered module a node lies in (its name up to the last parent ending in a digit:
+    ``features.5.3``, ``encoder.layers.encoder_layer_5``), or None."""
+    parents = name.split(".")[:-1]
+    for i in range(len(parents), 0, -1):
+        if parents[i - 1][-1:].isdigit():
+            return ".".join(parents[:i])
+    return None
 
 
 @dataclass(frozen=True)
@@ -174,12 +210,15 @@ class Layers:
         shapes: name -> per-image output shape, (C, H, W) or (C,).
         fields: name -> its receptive field.
         nodes: name -> the graph node it means (itself for a node name; a module's output node).
+        views: name -> `patchmine.tokens.View`, for the token, ``@cls`` and channel-last nodes
+            whose tapped output must be turned into that map (see `Tap`).
     """
 
     names: list[str]
     shapes: dict[str, tuple[int, ...]]
     fields: dict[str, Field]
     nodes: dict[str, str] = field(default_factory=dict)
+    views: dict[str, View] = field(default_factory=dict)
 
     def fmap_hw(self, name: str) -> tuple[int, int]:
         """(H, W) of a node's map; (1, 1) for a node with output (N, C)."""
@@ -195,6 +234,9 @@ def select_layers(
 ) -> Layers:
     """Check the asked-for layers (or pick the defaults) and learn their shapes and fields.
 
+    Token nodes (N, T, D) and their ``@cls`` prefix nodes, and channel-last nodes, are offered
+    beside (N, C, H, W) and (N, C) nodes (see `patchmine.tokens.minable`).
+
     Args:
         model: the network (traced and run once on a zero input for shapes, once for fields).
         input_size: the square input side.
@@ -205,28 +247,27 @@ def select_layers(
     Raises:
         UnknownNameError: a name that is neither a minable node nor a module (the nearest valid
             names are listed, every unknown name of the list in one message).
-        UsageError: no names, or a node whose receptive field cannot be represented (naming where
-            it was lost).
+        UsageError: no names, a node whose receptive field cannot be represented (naming where
+            it was lost), or whose token grid cannot be found.
     """
-    every = node_shapes(model, input_size)
-    fields = receptive_fields(model, input_size)  # the nodes that have a field
-    shapes = {n: s for n, s in every.items() if n in fields}
+    from patchmine.tokens import minable  # tokens builds on this module's output_shapes
+
+    found = minable(model, input_size)
     if layers is None:
-        names = list(defaults) or default_layers(shapes)
+        names = list(defaults) or default_layers(found.shapes)
         nodes = {n: n for n in names}
     else:
         modules = module_outputs(layer_names(model))
-        for name in layers:
-            node = name if name in every else modules.get(name)
-            if node in every and node not in fields:  # raises, saying where the field was lost
-                receptive_fields(model, input_size, [node])
-        nodes = resolve_layers(shapes, layers, modules)
+        # a node that exists but cannot be mined: one line saying why
+        found.check([n if n in found.shapes else modules.get(n, n) for n in layers])
+        nodes = resolve_layers(found.shapes, layers, modules)
         names = list(nodes)
     return Layers(
         names,
-        {n: shapes[nodes[n]] for n in names},
-        {n: fields[nodes[n]] for n in names},
+        {n: found.shapes[nodes[n]] for n in names},
+        {n: found.fields[nodes[n]] for n in names},
         nodes,
+        {n: found.views[nodes[n]] for n in names if nodes[n] in found.views},
     )
 
 
@@ -238,12 +279,23 @@ class Tap(nn.Module):
     is padded to a multiple of ``BATCH_MULTIPLE`` (the padding rows are dropped from the output).
     ``layers`` may hold module names: torchvision resolves them by the rule of `module_outputs`,
     and the output keeps the names as given.
+    ``views`` (`Layers.views`) names, for token, prefix (``@cls``) and channel-last nodes, the
+    graph node to tap and how to turn its output into such a map.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], mean, std):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        mean,
+        std,
+        views: Mapping[str, View] | None = None,
+    ):
         super().__init__()
         self.layers = list(layers)
-        self.extractor = create_feature_extractor(model.eval(), return_nodes=self.layers)
+        self.views = {n: views[n] for n in self.layers if n in (views or {})}
+        tapped = list(dict.fromkeys(self.views[n].node if n in self.views else n for n in layers))
+        self.extractor = create_feature_extractor(model.eval(), return_nodes=tapped)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
@@ -254,4 +306,8 @@ class Tap(nn.Module):
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         out = self.extractor(x)
-        return {k: out[k][:n].float() for k in self.layers}
+        views = self.views
+        return {
+            k: (views[k](out[views[k].node][:n]) if k in views else out[k][:n]).float()
+            for k in self.layers
+        }
