@@ -24,6 +24,7 @@ import torch
 
 from patchmine import store
 from patchmine.errors import UsageError, differences
+from patchmine.receptive import Field
 from patchmine.stats import RunningStats
 from patchmine.topk import TopK, entry_key
 
@@ -150,7 +151,8 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
     C, k = first.score.shape
     H, W = (int(v) for v in a["fmap_hw"])
     per_image = int(shards[0].attrs["per_image"])
-    merged = TopK(C, k, per_image, (H, W), a["rf_size"], a["rf_stride"])
+    nms = Field.from_attrs(a).suppression  # a whole-field token's own patch
+    merged = TopK(C, k, per_image, (H, W), nms.size, nms.stride)
     keys = []
     for lr, start in zip(layers, starts, strict=True):
         image = np.where(lr.image >= 0, lr.image + start, -1)
@@ -162,8 +164,8 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
                 lr.yx,
                 per_image=per_image,
                 fmap_hw=(H, W),
-                rf_size=a["rf_size"],
-                rf_stride=a["rf_stride"],
+                rf_size=nms.size,
+                rf_stride=nms.stride,
             )
         )
     res = {key: v.numpy() for key, v in merged.result().items()}
@@ -250,7 +252,7 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")
-    out = store.check_writable(out, force=force)
+    out = store.check_writable(out, force=force, resumable=False)
     for p in paths:
         if Path(p).resolve() == out.resolve():
             raise UsageError(f"the output {out} is also an input: write the merge elsewhere")

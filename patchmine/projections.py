@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -256,8 +256,9 @@ def _rewrite(gm: fx.GraphModule, guided: bool) -> int:
 
 
 def rectified_ops(model: nn.Module, layers: Sequence[str]) -> int:
-    """How many ReLU-family ops the deconvnet / guided rules change up to ``layers``."""
-    gm = create_feature_extractor(model.eval(), return_nodes=list(layers))
+    """How many ReLU-family ops the deconvnet / guided rules change up to ``layers`` (graph node
+    or module names)."""
+    gm = create_feature_extractor(model.eval(), return_nodes=list(dict.fromkeys(layers)))
     return _rewrite(gm, guided=False)
 
 
@@ -270,6 +271,8 @@ class Projector:
         mean, std: the model's normalization of [0, 1] RGB input.
         method: one of ``METHODS``.
         max_rows: most images (copies included) in one forward, which bounds memory.
+        views: as the ``Tap`` takes them (`patchmine.taps.Layers.views`): for token, ``@cls`` and
+            channel-last layers, the node to tap and how its output becomes the mined map.
 
     Attributes:
         n_modified: how many ReLU-family ops (call sites) the method changed before the deepest
@@ -288,6 +291,7 @@ class Projector:
         std,
         method: str,
         max_rows: int = 32,
+        views: Mapping | None = None,
     ):
         if method not in METHODS:
             raise UnknownNameError(
@@ -295,10 +299,11 @@ class Projector:
             )
         self.model, self.method, self.layers = model.eval(), method, list(layers)
         self.max_rows = max(BATCH_MULTIPLE, max_rows - max_rows % BATCH_MULTIPLE)
+        self.views = {n: views[n] for n in self.layers if n in (views or {})}
         self._graphs: dict[str, tuple[fx.GraphModule, int]] = {}
         self.n_modified = 0
         if method != "gradient":
-            self.n_modified = rectified_ops(model, self.layers)
+            self.n_modified = rectified_ops(model, [self._tapped(n) for n in self.layers])
             if self.n_modified == 0:
                 warnings.warn(
                     f"{type(model).__name__} has no ReLU-family op before {', '.join(self.layers)}: "
@@ -310,12 +315,16 @@ class Projector:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
 
+    def _tapped(self, node: str) -> str:
+        """The graph node (or module) whose output is ``node``'s map, or holds it (a view)."""
+        return self.views[node].node if node in self.views else node
+
     def _graph(self, node: str) -> fx.GraphModule:
         """The graph cut at ``node`` (only its ancestors run), with the method's rules."""
         if node not in self.layers:
             raise UnknownNameError(f"node {node!r} is not one of the projector's {self.layers}")
         if node not in self._graphs:
-            gm = create_feature_extractor(self.model, return_nodes=[node])
+            gm = create_feature_extractor(self.model, return_nodes=[self._tapped(node)])
             n = _rewrite(gm, guided=self.method == "guided") if self.method != "gradient" else 0
             self._graphs[node] = (gm, n)
         return self._graphs[node][0]
@@ -338,7 +347,8 @@ class Projector:
         pad = -n % BATCH_MULTIPLE  # as the Tap pads: kernels pick code paths by batch size
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-        return leaf, scale, self._graph(node)(x)[node]
+        out = self._graph(node)(x)[self._tapped(node)]
+        return leaf, scale, self.views[node](out) if node in self.views else out
 
     def activations(self, pixels: torch.Tensor, node: str) -> torch.Tensor:
         """The node's output through the rewritten graph (the Tap's values), detached."""

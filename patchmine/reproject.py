@@ -65,13 +65,10 @@ def _read(r: store.Result) -> tuple[dict, list]:
             v = np.broadcast_to(np.asarray(v, np.int64), (2,))
             return int(v[0]), int(v[1])
 
-        field = Field(pair(la["rf_size"]), pair(la["rf_stride"]), pair(la["rf_offset"]))
-        if la.get("rf_whole"):
-            field = Field(field.size, field.stride, field.offset, whole=True)
         plans.append(
             LayerPlan(
                 name,
-                field,
+                Field.from_attrs(la),
                 pair(la["fmap_hw"]),
                 int(la["patch_size"]),
                 lr.score,
@@ -158,15 +155,24 @@ def project(
     names = [p.name for p in plans]
     chosen = select_layers(lm.module, s, names)
     for p in plans:
-        if chosen.fields[p.name] != p.field or tuple(chosen.fmap_hw(p.name)) != p.fmap_hw:
+        f = chosen.fields[p.name]
+        same = (f.size, f.stride, f.offset, f.whole) == (
+            p.field.size,
+            p.field.stride,
+            p.field.offset,
+            p.field.whole,
+        )
+        if not same or tuple(chosen.fmap_hw(p.name)) != p.fmap_hw:
             raise UsageError(
                 f"layer {p.name} of model {settings['model']} is not the one mined into {path} "
                 "(its receptive field or map size differs): the model changed"
             )
     dev = torch.device(device)
     lm.module.to(dev)
-    tap = Tap(lm.module, names, lm.mean, lm.std).to(dev).eval()
-    projector = Projector(lm.module, names, lm.mean, lm.std, method, max_rows=batch_size)
+    tap = Tap(lm.module, names, lm.mean, lm.std, chosen.views).to(dev).eval()
+    projector = Projector(
+        lm.module, names, lm.mean, lm.std, method, max_rows=batch_size, views=chosen.views
+    )
     fill = tuple(int(round(m * 255)) for m in lm.mean)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".scratch", dir=path.parent))
     try:

@@ -1,4 +1,4 @@
-"""Result files (HDF5 schema version 1) and checkpoints: the only module that touches h5py.
+"""Result files (HDF5 schema version 2) and checkpoints: the only module that touches h5py.
 
 Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result,
 replace_projections, Result, LayerResult, open_result, save_checkpoint, load_checkpoint,
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from patchmine.corpus import Corpus
     from patchmine.models import LoadedModel
     from patchmine.patches import LayerPlan
+    from patchmine.receptive import Field
 
 __all__ = [
     "FORMAT",
@@ -52,8 +53,8 @@ __all__ = [
 ]
 
 FORMAT = "patchmine"
-VERSION = 1
-READABLE = (1, 2)  # schema versions the reader accepts (v2 adds optional datasets)
+VERSION = 2
+READS = (1, 2)  # the schema versions this patchmine reads
 CHECKPOINT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 
@@ -116,6 +117,7 @@ def layer_data(
             "rf_offset": list(f.offset),
             "rf_whole": bool(f.whole),
             "patch_size": plan.patch_size,
+            **_layout_attrs(f),
         },
         score=plan.score,
         image=np.where(used, plan.image - start, -1),
@@ -127,6 +129,22 @@ def layer_data(
         stats=stats,
         stats_state=stats_state,
     )
+
+
+def _layout_attrs(f: Field) -> dict:
+    """Schema v2 layer attrs: the layout, the token grid and prefix tokens, each unit's own patch."""
+    attrs: dict = {"layout": f.layout}
+    if f.grid is not None:
+        attrs["token_grid"] = list(f.grid)
+    if f.prefix:
+        attrs["prefix_tokens"] = f.prefix
+    if f.unit is not None:
+        attrs.update(
+            token_rf_size=list(f.unit.size),
+            token_rf_stride=list(f.unit.stride),
+            token_rf_offset=list(f.unit.offset),
+        )
+    return attrs
 
 
 def run_attrs(
@@ -222,22 +240,49 @@ def _write_error(path: Path, e: BaseException) -> WriteError:
     return WriteError(errno.EIO, f"cannot write {path}: {type(e).__name__}: {text}")
 
 
-def check_writable(path: str | os.PathLike, force: bool = False, resume: bool = False) -> Path:
-    """Refuse early (before any work) an output that cannot or must not be written."""
+def check_writable(
+    path: str | os.PathLike,
+    force: bool = False,
+    resume: bool = False,
+    *,
+    create: bool = False,
+    resumable: bool = True,
+) -> Path:
+    """Refuse early (before any work) an output that cannot or must not be written.
+
+    Args:
+        path: the output file.
+        force: an existing file may be overwritten.
+        resume: the run continues a checkpoint (an existing file is still refused without force).
+        create: a missing output folder is accepted where it can be made (the nearest existing
+            folder above it takes new files); the caller makes it before it writes.
+        resumable: the command has ``--resume`` (the "output exists" message mentions it).
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    where = folder
     if not folder.is_dir():
-        raise UsageError(f"output folder does not exist: {folder}")
+        if not create or folder.exists():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise UsageError(f"output folder {what}: {folder}")
+        where = next((p for p in folder.parents if p.exists()), Path("."))
+        if not where.is_dir():
+            raise UsageError(f"cannot create output folder {folder}: {where} is not a folder")
     try:  # os.access says yes to root, and knows nothing of read-only mounts or ACLs
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"output folder is not writable: {folder} ({e.strerror})") from None
+        why = {
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.EROFS: "a read-only file system",
+        }.get(e.errno, "it takes no new files")
+        raise UsageError(f"output folder is not writable: {where} ({why})") from None
     if path.is_dir():
         raise UsageError(f"output is a folder, expected a file path: {path}")
     if path.exists() and not force:
-        hint = "" if resume else " (--resume continues an interrupted run)"
+        hint = " (--resume continues an interrupted run)" if resumable and not resume else ""
         raise UsageError(f"output exists: {path}; pass --force to overwrite{hint}")
     return path
 
@@ -638,10 +683,11 @@ class Result:
             self.file.close()
             raise UsageError(f"not a patchmine result file: {self.path}")
         version = int(self.file.attrs.get("version", -1))
-        if version not in READABLE:
+        if version not in READS:
             self.file.close()
             raise UsageError(
-                f"{self.path} has schema version {version}; this patchmine reads version {VERSION}"
+                f"{self.path} has schema version {version}; this patchmine reads versions "
+                + " and ".join(str(v) for v in READS)
             )
         self.attrs = {k: _plain(v) for k, v in self.file.attrs.items()}
         self.layers = list(self.attrs.get("layer_order") or self.file["layers"].keys())
