@@ -248,3 +248,34 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, corpus, tiny_model, mine
     args += ["--layers", ",".join(LAYERS), "-k", "4", "--input-size", "64", "-b", "4", "-j", "0"]
     _finish(_torchrun(2, [*args, "--projection", "deconvnet", "-q"]))
     assert_same_file(mined("deconvnet"), out)
+
+
+def test_token_and_cls_nodes(tmp_path):
+    """ViT token and @cls nodes: projections of the mined map's units (through the token view),
+    0 outside the token's patch before the first attention, the same across batch sizes."""
+    from tests.test_tokens import MODELS, POST, PRE, S, make_image
+
+    models = tmp_path / "tokmodels.py"
+    models.write_text(MODELS)
+    images = tmp_path / "c"
+    images.mkdir()
+    for i in range(6):
+        make_image(700 + i, (S, S)).save(images / f"t{i}.png")
+    layers = [PRE, f"{POST}@cls"]
+    files = []
+    for b in (2, 8):
+        files.append(tmp_path / f"v{b}.h5")
+        with pytest.warns(ProjectionWarning):  # GELU, no ReLU: guided equals gradient
+            mine([images], files[-1], model=f"{models}:vit", weights="none", layers=layers,
+                 k=3, input_size=S, batch_size=b, workers=0, progress=False,
+                 projection="guided")  # fmt: skip
+    assert_same_file(*files)
+    with store.open_result(files[0]) as r:
+        pre = r.layer(PRE)
+        for c in range(pre.channels):
+            for slot in range(pre.k):
+                y0, x0, y1, x1 = (int(v) for v in pre.box[c, slot])
+                p = pre.projection(c)[slot]
+                assert p.shape[:2] == (y1 - y0, x1 - x0) == (8, 8) and p.any()
+        cls = r.layer(f"{POST}@cls").projection(0)
+        assert cls.shape == (3, S, S, 3) and all(cls[s].any() for s in range(3))
