@@ -31,6 +31,7 @@ from patchmine.errors import UsageError, differences
 from patchmine.maps import reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
+from patchmine.receptive import inside_fraction
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
@@ -162,6 +163,7 @@ class Miner:
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
         resize: int | None = None,
+        min_inside: float | None = None,
     ):
         self.corpus = corpus
         self.extra_attrs = dict(extra_attrs or {})
@@ -202,10 +204,31 @@ class Miner:
             for name in self.layers
         }
         self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
+        self.min_inside = _fraction(min_inside)
+        self.barred = self._barred()
         self.ok = np.zeros(n, dtype=bool)
         self.shape = np.zeros((n, 2), dtype=np.int32)
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
+
+    def _barred(self) -> dict[str, torch.Tensor]:
+        """node -> (H, W) bool, true where a unit's box has less than ``min_inside`` inside the
+        input (such units never compete for the top-k); only nodes that have such units."""
+        if self.min_inside is None:
+            return {}
+        out = {}
+        side = (self.input_size, self.input_size)
+        for n in self.layers:
+            frac = inside_fraction(self.fields[n], self.fmap_hw(n), side)
+            barred = frac < self.min_inside
+            if barred.all():
+                raise UsageError(
+                    f"--min-inside {self.min_inside:g} leaves no unit of layer {n} (at most "
+                    f"{frac.max():.2f} of its fields lies inside the input); lower it"
+                )
+            if barred.any():
+                out[n] = torch.from_numpy(barred).to(self.device)
+        return out
 
     @property
     def meta(self) -> dict:
@@ -219,6 +242,7 @@ class Miner:
             "per_image": self.per_image,
             "input_size": self.input_size,
             "resize": self.resize,
+            "min_inside": self.min_inside,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -318,7 +342,11 @@ class Miner:
             maps = None  # elsewhere the collectors reduce without host syncs
             if self.device.type == "cpu":
                 maps = reduce_maps(a, sample=self.stats[n].sample)
-            self.topk[n].add(a, index, maps)
+            barred = self.barred.get(n)
+            if barred is None:
+                self.topk[n].add(a, index, maps)
+            else:  # --min-inside: barred units can never win (statistics still see them)
+                self.topk[n].add(a.masked_fill(barred, float("-inf")), index)
             self.stats[n].add(a, maps)
 
     def part_state(self) -> dict:
@@ -395,6 +423,7 @@ class Miner:
             rows=rows,
             n_failed=int((~self.ok[rows.start : rows.stop]).sum()),
             shard=self.shard,
+            min_inside=self.min_inside,
         )
         records = {
             "shape": self.shape,
@@ -467,6 +496,19 @@ class Miner:
         )
 
 
+def _fraction(value: float | None) -> float | None:
+    """``--min-inside``: None (off) or a number in (0, 1]."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"min-inside must be a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise UsageError(f"min-inside must be in (0, 1] (a share of the field), got {value!r}")
+    return f
+
+
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
     if not (count >= 1 and 0 <= i < count):
         raise UsageError(f"shard must be I/N with 0 <= I < N, got {i}/{count}")
@@ -494,6 +536,7 @@ def mine(
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
     resize: int | None = None,
+    min_inside: float | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -515,6 +558,8 @@ def mine(
         patch_size: largest stored patch side; larger receptive fields are resampled down.
         extra_attrs: more root attributes for the result file (str, numbers or lists of them),
             e.g. the settings a pipeline compares to decide whether the file is up to date.
+        min_inside: only units whose field box has at least this fraction (0 < F <= 1) inside
+            the input compete (`patchmine.receptive.inside_fraction`); None: every unit.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -550,6 +595,7 @@ def mine(
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
         resize=resize,
+        min_inside=min_inside,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

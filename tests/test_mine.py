@@ -184,7 +184,7 @@ def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
             "corpus_roots",
         ]:
             assert key in a, key
-        assert a["format"] == "patchmine" and a["version"] == 1
+        assert a["format"] == "patchmine" and a["version"] == 2
         assert a["resize"] == 64  # default: the input size (torchvision's Resize(S) + CenterCrop(S))
         pool, head = r.layer("pool"), r.layer("head")
         assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
