@@ -66,6 +66,8 @@ def _check(results: list[store.Result]) -> list[store.Result]:
         if diff:
             key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
+            if key == "min_inside":  # absent: the option was off
+                a, b = ("off" if v is None else v for v in (a, b))
             raise UsageError(
                 f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
                 f"({_short(a)} vs {_short(b)})"
