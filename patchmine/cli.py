@@ -152,6 +152,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
             min_inside=args.min_inside,
+            jpeg_draft=args.jpeg_draft,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-inside", type=_fraction, default=None, metavar="F",
                    help="only units whose field has at least fraction F (0 < F <= 1) inside the "
                    "input compete: leaves out border units that padding drives (default: all)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
+                        "(faster; pixels close to, not equal to, a full decode)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
                    help="save progress every N batches (default 50; 0 never)")

@@ -44,6 +44,7 @@ _SAME = [
     ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
     ("std", "preprocessing (std)"),
+    ("jpeg_draft", "JPEG draft decoding"),
     ("n_corpus", "corpus size"),
     ("corpus_fingerprint", "corpus (file list)"),
     ("corpus_roots", "corpus roots"),

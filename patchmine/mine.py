@@ -164,8 +164,10 @@ class Miner:
         extra_attrs: dict | None = None,
         resize: int | None = None,
         min_inside: float | None = None,
+        jpeg_draft: bool = False,
     ):
         self.corpus = corpus
+        self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
         self.resize = input_size if resize is None else resize
@@ -243,6 +245,7 @@ class Miner:
             "input_size": self.input_size,
             "resize": self.resize,
             "min_inside": self.min_inside,
+            "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -292,7 +295,11 @@ class Miner:
         dev = self.device
         loader = make_loader(
             CorpusDataset(
-                self.corpus, self.input_size, range(self.cursor, self.span.stop), self.resize
+                self.corpus,
+                self.input_size,
+                range(self.cursor, self.span.stop),
+                self.resize,
+                self.jpeg_draft,
             ),
             batch_size,
             workers,
@@ -418,6 +425,7 @@ class Miner:
             layers=self.layers,
             input_size=self.input_size,
             resize=self.resize,
+            jpeg_draft=self.jpeg_draft,
             k=self.k,
             per_image=self.per_image,
             rows=rows,
@@ -469,6 +477,7 @@ class Miner:
                 progress,
                 should_stop,
                 resize=self.resize,
+                jpeg_draft=self.jpeg_draft,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -537,6 +546,7 @@ def mine(
     extra_attrs: dict | None = None,
     resize: int | None = None,
     min_inside: float | None = None,
+    jpeg_draft: bool = False,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -560,6 +570,9 @@ def mine(
             e.g. the settings a pipeline compares to decide whether the file is up to date.
         min_inside: only units whose field box has at least this fraction (0 < F <= 1) inside
             the input compete (`patchmine.receptive.inside_fraction`); None: every unit.
+        jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
+            decode. Recorded as the root attribute ``jpeg_draft``.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -596,6 +609,7 @@ def mine(
         part=None if team is None else team.part,
         resize=resize,
         min_inside=min_inside,
+        jpeg_draft=jpeg_draft,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

@@ -90,6 +90,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
         "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
+        "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -133,6 +134,8 @@ class Pipeline:
         """What the result file depends on (compared with the one recorded in it)."""
         s = {key: self.mine.get(key) for key in _RESULT_KEYS}
         s["corpus"] = corpus.fingerprint()
+        if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
+            s["jpeg_draft"] = True
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -172,6 +175,10 @@ def _check(where: str, key: str, kind: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise bad("a number in (0, 1]")
         return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
     if kind == "channels":
         from patchmine.cli import parse_channels
 

@@ -135,6 +135,7 @@ def run_attrs(
     layers: list[str],
     input_size: int,
     resize: int,
+    jpeg_draft: bool,
     k: int,
     per_image: int,
     rows: range,
@@ -156,6 +157,7 @@ def run_attrs(
         "weights": model.weights,
         "input_size": input_size,
         "resize": resize,
+        "jpeg_draft": jpeg_draft,
         "mean": list(model.mean),
         "std": list(model.std),
         "k": k,
@@ -351,7 +353,9 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
     transform = np.asarray(images["transform"], dtype=np.float32)  # (N,4); (N,3) merged from old
-    g.create_dataset("transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4))
+    g.create_dataset(
+        "transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4)
+    )
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     size = attrs.get("input_size")
     shared = _shared_patches(layers)
