@@ -189,3 +189,19 @@ def test_info_shows_border_share(tmp_path, corpus_dir, tiny_model, capsys):
     with patchmine.open(out) as r:
         share = r.layer("pool").attrs["border_share"]
     assert f"border {100 * share:.0f}%" in text and "border 0%" in text
+
+
+def test_pipeline_min_inside_key(tmp_path, corpus_dir):
+    from patchmine.pipeline import load_pipeline
+
+    def write(value: str):
+        path = tmp_path / "p.toml"
+        path.write_text(
+            f'[corpus]\npaths = ["{corpus_dir}"]\n[mine]\nout = "r.h5"\nmin_inside = {value}\n'
+        )
+        return path
+
+    assert load_pipeline(write("0.75")).mine["min_inside"] == 0.75
+    for bad in ("0", "1.5", '"half"', "true"):
+        with pytest.raises(UsageError, match="min_inside must be a number in"):
+            load_pipeline(write(bad))
