@@ -137,6 +137,20 @@ def test_min_inside_shards_merge_to_one_process(tmp_path, corpus_dir, tiny_model
     assert_same_file(ref, out)
 
 
+@pytest.mark.slow
+def test_min_inside_torchrun_two_ranks_equal_one_process(tmp_path, corpus_dir, tiny_model):
+    from tests.test_scaleout import _finish, _torchrun
+
+    ref = tmp_path / "ref.h5"
+    mine([corpus_dir], ref, **_settings(tiny_model, per_image=2))
+    out = tmp_path / "tr.h5"
+    args = [str(corpus_dir), "--out", str(out), "--model", tiny_model, "--weights", "none"]
+    args += ["--layers", ",".join(LAYERS), "-k", str(K), "--per-image", "2"]
+    args += ["--input-size", str(SIZE), "--workers", "0", "--min-inside", str(F), "-q"]
+    _finish(_torchrun(2, args))
+    assert_same_file(ref, out)
+
+
 def test_min_inside_resume(tmp_path, corpus_dir, tiny_model):
     ref = tmp_path / "ref.h5"
     mine([corpus_dir], ref, **_settings(tiny_model, batch_size=2))
