@@ -24,6 +24,16 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _layer_list(value: str) -> list[str]:
+    """An argparse type: comma-separated layer names, at least one."""
+    names = _csv(value)
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"no layer names in {value!r}; leave --layers out for the default set"
+        )
+    return names
+
+
 def parse_channels(
     spec: str | Iterable[int] | None, channels: int | None = None
 ) -> list[int] | None:
@@ -90,7 +100,9 @@ def _fraction(value: str) -> float:
     return f
 
 
-def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+def _model_args(
+    p: argparse.ArgumentParser, positional: bool = False, weights_help: str | None = None
+) -> None:
     if positional:
         p.add_argument(
             "model", nargs="?", default=None,
@@ -98,34 +110,57 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
         )
     else:
         p.add_argument("--model", "-m", default=None, help="model (default: efficientnet_lite0)")
-    p.add_argument("--weights", "-w", default=None, help="DEFAULT, a weights name, none, or a path")
+    p.add_argument("--weights", "-w", default=None,
+                   help=weights_help or "DEFAULT, a weights name, none, or a path")
     p.add_argument("--input-size", type=_positive, default=224, help="input side S (default 224)")
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from patchmine.models import load_model
     from patchmine.receptive import receptive_fields
-    from patchmine.taps import node_shapes
+    from patchmine.taps import default_layers, layer_names, module_outputs, node_shapes
 
-    lm = load_model(args.model, args.weights, args.input_size)
+    # the table is the architecture's: built without weights, whatever --weights says
+    lm = load_model(args.model, "none", args.input_size)
     shapes = node_shapes(lm.module, args.input_size)
     fields = receptive_fields(lm.module, args.input_size)  # nodes without a field are left out
-    rows = [("node", "output (C,H,W)", "rf size", "stride", "offset")]
-    for name, shape in shapes.items():
+    minable = {n: s for n, s in shapes.items() if n in fields}
+    defaults = set(lm.default_layers or default_layers(minable))
+    modules = {  # the blocks (modules that hold others) -> their output nodes, in module order
+        m: node
+        for m, node in module_outputs(layer_names(lm.module)).items()
+        if m != node and node in shapes
+    }
+    blocks: dict[str, list[str]] = {}  # node -> the blocks it is the output of
+    for m, node in modules.items():
+        blocks.setdefault(node, []).append(m)
+
+    def pair(v: tuple[int, int]) -> str:
+        return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+    def columns(name: str) -> tuple[str, ...]:
         f = fields.get(name)
-        out = "(" + ",".join(str(s) for s in shape) + ")"
-
-        def pair(v: tuple[int, int]) -> str:
-            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
-
+        out = "(" + ",".join(str(s) for s in shapes[name]) + ")"
         if f is None:
-            rows.append((name, out, "none", "-", "-"))
-        elif f.whole:
-            rows.append((name, out, "whole", "-", "-"))
-        else:
-            rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    print(f"# {lm.name}  weights={lm.weights}  input={args.input_size}x{args.input_size}")
+            return out, "none", "-", "-"
+        if f.whole:
+            return out, "whole", "-", "-"
+        return out, pair(f.size), pair(f.stride), pair(f.offset)
+
+    mark = {True: "*", False: ""}
+    if args.modules:
+        rows = [("", "module", "node", "output (C,H,W)", "rf size", "stride", "offset")]
+        rows += [(mark[node in defaults], m, node, *columns(node)) for m, node in modules.items()]
+    else:
+        rows = [("", "node", "output (C,H,W)", "rf size", "stride", "offset", "module")]
+        rows += [
+            (mark[name in defaults], name, *columns(name), ", ".join(blocks.get(name, ())))
+            for name in shapes
+        ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"# {lm.name}  input={args.input_size}x{args.input_size}  (architecture only: no weights "
+          "are loaded)")
+    print("# * mined when --layers is not given; a module name means its output node")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
@@ -142,6 +177,7 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    from patchmine.corpus import printable
     from patchmine.mine import mine
 
     try:
@@ -169,8 +205,18 @@ def cmd_mine(args: argparse.Namespace) -> int:
         print(f"patchmine mine: error: {_oserror(e)}{hint}", file=sys.stderr)
         _exit_if_stuck(e, 1)
         return 1
-    if not args.quiet and not summary.extra.get("rank"):  # under torchrun: rank 0 reports
+    if summary.extra.get("rank"):  # under torchrun: rank 0 reports
+        return 0
+    if not args.quiet:
         print(summary)
+    elif summary.n_failed:  # quiet, but not silent about a partial corpus
+        path, why = summary.failures[0]
+        print(
+            f"patchmine mine: {summary.n_failed} of {summary.n_images} images unreadable, skipped "
+            f"(first: {printable(path)}: {' '.join(printable(why).split())}; "
+            f"`patchmine info {args.out}` lists them)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -232,10 +278,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             rf = "whole input" if la.get("rf_whole") else (
                 f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
             share = la.get("border_share")  # NaN for a layer without entries
-            edge = "" if share is None or share != share else (
-                f"  border {100 * share:.0f}%")
+            edge = "" if share is None or share != share else f"  border {100 * share:.0f}%"
+            node = la.get("node", name)
+            node = f"  (node {node})" if node != name else ""
             print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
-                  f"{edge}")
+                  f"{edge}{node}")
         fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
                                             strict=True) if not ok]
         for p, e in fails[:10]:
@@ -298,16 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchmine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("layers", help="list a model's nodes with shapes and receptive fields")
-    _model_args(p, positional=True)
+    p = sub.add_parser("layers", help="list a model's nodes and modules with shapes and "
+                       "receptive fields; * marks the default layers")
+    _model_args(p, positional=True, weights_help="ignored: the table is the architecture's, built "
+                "without weights (no download, no checkpoint read)")
+    p.add_argument("--modules", action="store_true",
+                   help="list the blocks (modules that hold others) with their output nodes")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("mine", help="mine a corpus into an HDF5 result file")
     p.add_argument("corpus", nargs="+", help="image folders and/or text files listing images")
     p.add_argument("--out", "-o", required=True, help="result file (.h5)")
     _model_args(p)
-    p.add_argument("--layers", "-l", type=_csv, default=None,
-                   help="comma-separated node names (default: the last node of each map size)")
+    p.add_argument("--layers", "-l", type=_layer_list, default=None,
+                   help="comma-separated node or module names, as `patchmine layers MODEL` lists "
+                   "them (a module means its output node; default: the model's set, marked there)")
     p.add_argument("-k", type=_positive, default=9, help="entries per channel (default 9)")
     p.add_argument("--per-image", type=_positive, default=1,
                    help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)")
@@ -349,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="montages, overviews and an HTML gallery of a result file")
     p.add_argument("file", help="result file (.h5)")
     p.add_argument("--out", "-o", required=True, help="output folder (gets index.html)")
-    p.add_argument("--layers", "-l", type=_csv, default=None, help="comma-separated layer names")
+    p.add_argument("--layers", "-l", type=_layer_list, default=None,
+                   help="comma-separated layer names")
     p.add_argument("--channels", "-c", default=None, help="e.g. 0,5,9-20 (default: all)")
     p.add_argument("--overlay", choices=("heat", "mask", "none"), default="heat",
                    help="activation overlay on the patches (default heat)")

@@ -246,7 +246,7 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")
-    out = store.check_writable(out, force=force)
+    out = store.check_writable(out, force=force, resumable=False)
     for p in paths:
         if Path(p).resolve() == out.resolve():
             raise UsageError(f"the output {out} is also an input: write the merge elsewhere")

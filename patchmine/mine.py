@@ -189,6 +189,7 @@ class Miner:
         self.model = load_model(model, weights, input_size)
         chosen = select_layers(self.model.module, input_size, layers, self.model.default_layers)
         self.layers, self.shapes, self.fields = chosen.names, chosen.shapes, chosen.fields
+        self.nodes = chosen.nodes  # a module name -> the node it means
         self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
         self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
@@ -402,7 +403,7 @@ class Miner:
     def layer_data(self, plan: LayerPlan, patch: np.ndarray, heat: np.ndarray) -> store.LayerData:
         """One layer's datasets for the file, with image indices local to this slice."""
         st = self.stats[plan.name]
-        return store.layer_data(
+        data = store.layer_data(
             plan,
             patch,
             heat,
@@ -415,6 +416,8 @@ class Miner:
             transform=self.transform,
             start=self.start,
         )
+        data.attrs["node"] = self.nodes.get(plan.name, plan.name)
+        return data
 
     def write(self, out: Path, layers: dict[str, store.LayerData], should_stop) -> None:
         """Write the result file of this slice (``start:stop``) atomically."""
@@ -524,6 +527,23 @@ def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
     return i * n // count, (i + 1) * n // count
 
 
+def _check_some_readable(miner: Miner, ckpt: Path) -> None:
+    """Refuse a corpus of which no image could be decoded (no file is written, the checkpoint goes).
+
+    A shard (or a torchrun rank) may hold only unreadable files of a corpus that has good ones:
+    those are not refused.
+    """
+    if miner.ok[miner.start : miner.stop].any():
+        return
+    ckpt.unlink(missing_ok=True)
+    rows = range(miner.start, miner.stop)
+    first = next((j for j in rows if miner.error[j]), miner.start)
+    raise UsageError(
+        f"no image could be read: all {len(rows)} files of the corpus failed; the first, "
+        f"{printable(miner.corpus.paths[first])}: {' '.join(printable(miner.error[first]).split())}"
+    )
+
+
 def mine(
     sources: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -554,7 +574,8 @@ def mine(
         sources: image folders and/or text files listing images.
         out: the result file (HDF5, schema version 1), written atomically.
         model, weights: see :func:`patchmine.models.load_model` (default: embedded EfficientNet-Lite0).
-        layers: node names (``patchmine layers MODEL``); default: the last node of each map size.
+        layers: node or module names (``patchmine layers MODEL``); ``None``: the model's default
+            set (an empty list is refused).
         k: entries kept per channel. per_image: entries one image may contribute per channel.
         input_size: images are resized (shorter side) and center-cropped to this square.
         resize: the shorter side before the center crop (default ``input_size``), as torchvision's
@@ -588,7 +609,7 @@ def mine(
             raise UsageError(f"{what} must be at least 1, got {v}")
     if resize is not None and resize < 1:
         raise UsageError(f"resize must be at least 1, got {resize}")
-    out = store.check_writable(out, force=force, resume=resume)
+    out = store.check_writable(out, force=force, resume=resume, create=True)
     team = distributed.from_env(device)  # under torchrun: one rank of several
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
     progress = progress and (team is None or team.leader)
@@ -621,6 +642,7 @@ def mine(
     if resume and ckpt.exists():
         miner.load_state_dict(store.load_checkpoint(ckpt), source=str(ckpt))
     resumed_from = miner.cursor if miner.cursor > miner.span.start else 0
+    out.parent.mkdir(parents=True, exist_ok=True)  # as `run` does; checked by check_writable
 
     def save() -> None:
         store.save_checkpoint(ckpt, miner.state_dict())
@@ -632,6 +654,8 @@ def mine(
             save()
         if team is not None:
             team.combine(miner)  # rank 0 now holds every rank's first pass
+        elif shard is None:
+            _check_some_readable(miner, ckpt)
         first_s = time.perf_counter() - t1
         summary = miner.finish(out, batch_size, workers, progress, stop_flag, team)
     if team is not None:

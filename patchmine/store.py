@@ -224,22 +224,49 @@ def _write_error(path: Path, e: BaseException) -> WriteError:
     return WriteError(errno.EIO, f"cannot write {path}: {type(e).__name__}: {text}")
 
 
-def check_writable(path: str | os.PathLike, force: bool = False, resume: bool = False) -> Path:
-    """Refuse early (before any work) an output that cannot or must not be written."""
+def check_writable(
+    path: str | os.PathLike,
+    force: bool = False,
+    resume: bool = False,
+    *,
+    create: bool = False,
+    resumable: bool = True,
+) -> Path:
+    """Refuse early (before any work) an output that cannot or must not be written.
+
+    Args:
+        path: the output file.
+        force: an existing file may be overwritten.
+        resume: the run continues a checkpoint (an existing file is still refused without force).
+        create: a missing output folder is accepted where it can be made (the nearest existing
+            folder above it takes new files); the caller makes it before it writes.
+        resumable: the command has ``--resume`` (the "output exists" message mentions it).
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    where = folder
     if not folder.is_dir():
-        raise UsageError(f"output folder does not exist: {folder}")
+        if not create or folder.exists():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise UsageError(f"output folder {what}: {folder}")
+        where = next((p for p in folder.parents if p.exists()), Path("."))
+        if not where.is_dir():
+            raise UsageError(f"cannot create output folder {folder}: {where} is not a folder")
     try:  # os.access says yes to root, and knows nothing of read-only mounts or ACLs
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"output folder is not writable: {folder} ({e.strerror})") from None
+        why = {
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.EROFS: "a read-only file system",
+        }.get(e.errno, "it takes no new files")
+        raise UsageError(f"output folder is not writable: {where} ({why})") from None
     if path.is_dir():
         raise UsageError(f"output is a folder, expected a file path: {path}")
     if path.exists() and not force:
-        hint = "" if resume else " (--resume continues an interrupted run)"
+        hint = " (--resume continues an interrupted run)" if resumable and not resume else ""
         raise UsageError(f"output exists: {path}; pass --force to overwrite{hint}")
     return path
 

@@ -371,7 +371,8 @@ def cli_results(tmp_path_factory, tiny_model):
         "unknown command": ["frobnicate"],
         "empty corpus": ["mine", d / "empty", "--out", d / "n.h5", *base],
         "missing corpus": ["mine", d / "nowhere", "--out", d / "n.h5", *base],
-        "output folder missing": ["mine", corpus, "--out", d / "no" / "such" / "r.h5", *base],
+        "output folder cannot be made": ["mine", corpus, "--out", d / "text.h5" / "sub" / "r.h5",
+                                         *base],
         "output folder read-only": ["mine", corpus, "--out", ro_out, *base],
         "output exists": ["mine", corpus, "--out", done, *base],
         "output is a folder": ["mine", corpus, "--out", d / "empty", *base],
@@ -420,7 +421,7 @@ USAGE = {  # case -> words the one line on stderr must hold
     "unknown command": ["frobnicate", "mine"],
     "empty corpus": ["empty corpus", "empty"],
     "missing corpus": ["does not exist", "nowhere"],
-    "output folder missing": ["output folder does not exist"],
+    "output folder cannot be made": ["cannot create output folder", "text.h5 is not a folder"],
     "output folder read-only": ["not writable"],
     "output exists": ["output exists", "--force"],
     "output is a folder": ["is a folder"],
@@ -711,10 +712,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, fault_corpus, tiny_model
 def test_weights_file_that_runs_code_is_refused(tmp_path, tiny_model, capsys):
     weights, marker = tmp_path / "w.pt", tmp_path / "pwned"
     torch.save({"conv1.weight": _RunsCode(marker)}, weights)
-    assert cli.main(["layers", tiny_model, "--weights", str(weights), "--input-size", "64"]) == 2
+    # `layers` reads no weights (the table is the architecture's): `filters` loads them
+    argv = ["filters", tiny_model, "--weights", str(weights), "--out", str(tmp_path / "f.png")]
+    assert cli.main([*argv, "--input-size", "64"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "patchmine layers: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
+    assert "patchmine filters: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
     assert re.search(r"refused: it names (builtins\.)?exec\b", lines[0]), lines
     assert not marker.exists()
 
@@ -726,7 +729,7 @@ def test_output_checks_before_any_work(tmp_path, tiny_model, monkeypatch):
     for out, match in [
         (tmp_path / "exists.h5", "output exists"),
         (tmp_path, "is a folder"),
-        (tmp_path / "missing" / "r.h5", "does not exist"),
+        (tmp_path / "exists.h5" / "missing" / "r.h5", "cannot create output folder"),
     ]:
         with pytest.raises(UsageError, match=match):
             _mine([tmp_path], out, tiny_model)
