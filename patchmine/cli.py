@@ -89,6 +89,17 @@ def _at_least(minimum: int):
 _positive, _nonneg = _at_least(1), _at_least(0)
 
 
+def _fraction(value: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value!r}")
+    return f
+
+
 def _model_args(
     p: argparse.ArgumentParser, positional: bool = False, weights_help: str | None = None
 ) -> None:
@@ -181,6 +192,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
+            min_inside=args.min_inside,
             jpeg_draft=args.jpeg_draft,
         )
     except KeyboardInterrupt as e:
@@ -252,7 +264,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{r.path}: patchmine result, schema version {a['version']}")
         resize = f" (resize {a['resize']})" if "resize" in a else ""
         print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}{resize}")
-        print(f"  top-k      k={a['k']}  per_image={a['per_image']}")
+        inside = f"  min_inside={a['min_inside']:g}" if "min_inside" in a else ""
+        print(f"  top-k      k={a['k']}  per_image={a['per_image']}{inside}")
         print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
               + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
                           else [a["corpus_roots"]]))
@@ -262,16 +275,19 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
         if "allocator" in a:
             print(f"  allocator  {a['allocator']}")
-        print("  layers")
+        print("  layers     (border: the share of kept entries whose field crosses the input edge)")
         for name in r.layers:
             lr = r.layer(name)
             la = lr.attrs
             fh = "x".join(str(v) for v in la["fmap_hw"])
             rf = "whole input" if la.get("rf_whole") else (
                 f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
+            share = la.get("border_share")  # NaN for a layer without entries
+            edge = "" if share is None or share != share else f"  border {100 * share:.0f}%"
             node = la.get("node", name)
             node = f"  (node {node})" if node != name else ""
-            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px{node}")
+            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
+                  f"{edge}{node}")
         fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
                                             strict=True) if not ok]
         for p, e in fails[:10]:
@@ -361,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
     p.add_argument("--patch-size", type=_positive, default=96,
                    help="largest stored patch side; larger fields are resampled (default 96)")
+    p.add_argument("--min-inside", type=_fraction, default=None, metavar="F",
+                   help="only units whose field has at least fraction F (0 < F <= 1) inside the "
+                   "input compete: leaves out border units that padding drives (default: all)")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
                         "(faster; pixels close to, not equal to, a full decode)")

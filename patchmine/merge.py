@@ -8,8 +8,9 @@ channel the top-k over every shard's entries under the exact tie rule (score des
 ascending, flat location ascending: ``TopK.merge`` over states rebuilt from the files), each winner's
 box, patch and heat map copied from its shard (no image is read, no model run), and the statistics
 merged from the files' ``stats/state`` accumulators. Files that do not belong together (model,
-weights, layers, k, per-image, preprocessing, corpus), an incomplete or overlapping set of shards and
-files that are not patchmine results are refused with a UsageError naming the difference.
+weights, layers, k, per-image, --min-inside, preprocessing, corpus), an incomplete or overlapping
+set of shards and files that are not patchmine results are refused with a UsageError naming the
+difference.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from patchmine.topk import TopK, entry_key
 
 __all__ = ["merge"]
 
+# Layer attributes computed from a file's own entries (recomputed when the merged file is written).
+_OWN = ("border_share",)
 # Root attributes that every shard of one run shares (what the run computed, and over what).
 _SAME = [
     ("model", "model"),
@@ -37,6 +40,7 @@ _SAME = [
     ("layer_order", "layers"),
     ("k", "k"),
     ("per_image", "per-image"),
+    ("min_inside", "--min-inside"),
     ("input_size", "input size"),
     ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
@@ -64,13 +68,15 @@ def _check(results: list[store.Result]) -> list[store.Result]:
         if diff:
             key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
+            if key == "min_inside":  # absent: the option was off
+                a, b = ("off" if v is None else v for v in (a, b))
             raise UsageError(
                 f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
                 f"({_short(a)} vs {_short(b)})"
             )
         for name in first.layers:
             la, lb = first.layer(name).attrs, r.layer(name).attrs
-            diff = differences(lb, la)
+            diff = differences(lb, la, [key for key in la if key not in _OWN])
             if diff:
                 raise UsageError(
                     f"cannot merge {r.path} with {first.path}: layer {name} differs in "
@@ -210,7 +216,7 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
             stats.merge(rs)
     state = stats.state_dict()
     return store.LayerData(
-        attrs=dict(a),
+        attrs={key: v for key, v in a.items() if key not in _OWN},
         score=res["score"],
         image=res["image"],
         yx=res["yx"],
@@ -237,7 +243,8 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
 
     Raises:
         UsageError: a file is missing or not a patchmine result; files that differ in model,
-            weights, layers, k, per-image, preprocessing or corpus; missing or repeated shards.
+            weights, layers, k, per-image, min-inside, preprocessing or corpus; missing or
+            repeated shards.
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")

@@ -31,6 +31,7 @@ from patchmine.errors import UsageError, differences
 from patchmine.maps import reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
+from patchmine.receptive import inside_fraction
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
@@ -162,6 +163,7 @@ class Miner:
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
         resize: int | None = None,
+        min_inside: float | None = None,
         jpeg_draft: bool = False,
     ):
         self.corpus = corpus
@@ -206,10 +208,31 @@ class Miner:
             for name in self.layers
         }
         self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
+        self.min_inside = _fraction(min_inside)
+        self.barred = self._barred()
         self.ok = np.zeros(n, dtype=bool)
         self.shape = np.zeros((n, 2), dtype=np.int32)
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
+
+    def _barred(self) -> dict[str, torch.Tensor]:
+        """node -> (H, W) bool, true where a unit's box has less than ``min_inside`` inside the
+        input (such units never compete for the top-k); only nodes that have such units."""
+        if self.min_inside is None:
+            return {}
+        out = {}
+        side = (self.input_size, self.input_size)
+        for n in self.layers:
+            frac = inside_fraction(self.fields[n], self.fmap_hw(n), side)
+            barred = frac < self.min_inside
+            if barred.all():
+                raise UsageError(
+                    f"--min-inside {self.min_inside:g} leaves no unit of layer {n} (at most "
+                    f"{frac.max():.2f} of its fields lies inside the input); lower it"
+                )
+            if barred.any():
+                out[n] = torch.from_numpy(barred).to(self.device)
+        return out
 
     @property
     def meta(self) -> dict:
@@ -223,6 +246,7 @@ class Miner:
             "per_image": self.per_image,
             "input_size": self.input_size,
             "resize": self.resize,
+            "min_inside": self.min_inside,
             "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
@@ -327,7 +351,11 @@ class Miner:
             maps = None  # elsewhere the collectors reduce without host syncs
             if self.device.type == "cpu":
                 maps = reduce_maps(a, sample=self.stats[n].sample)
-            self.topk[n].add(a, index, maps)
+            barred = self.barred.get(n)
+            if barred is None:
+                self.topk[n].add(a, index, maps)
+            else:  # --min-inside: barred units can never win (statistics still see them)
+                self.topk[n].add(a.masked_fill(barred, float("-inf")), index)
             self.stats[n].add(a, maps)
 
     def part_state(self) -> dict:
@@ -407,6 +435,7 @@ class Miner:
             rows=rows,
             n_failed=int((~self.ok[rows.start : rows.stop]).sum()),
             shard=self.shard,
+            min_inside=self.min_inside,
         )
         records = {
             "shape": self.shape,
@@ -480,6 +509,19 @@ class Miner:
         )
 
 
+def _fraction(value: float | None) -> float | None:
+    """``--min-inside``: None (off) or a number in (0, 1]."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"min-inside must be a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise UsageError(f"min-inside must be in (0, 1] (a share of the field), got {value!r}")
+    return f
+
+
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
     if not (count >= 1 and 0 <= i < count):
         raise UsageError(f"shard must be I/N with 0 <= I < N, got {i}/{count}")
@@ -524,6 +566,7 @@ def mine(
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
     resize: int | None = None,
+    min_inside: float | None = None,
     jpeg_draft: bool = False,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
@@ -547,6 +590,8 @@ def mine(
         patch_size: largest stored patch side; larger receptive fields are resampled down.
         extra_attrs: more root attributes for the result file (str, numbers or lists of them),
             e.g. the settings a pipeline compares to decide whether the file is up to date.
+        min_inside: only units whose field box has at least this fraction (0 < F <= 1) inside
+            the input compete (`patchmine.receptive.inside_fraction`); None: every unit.
         jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
             (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
             decode. Recorded as the root attribute ``jpeg_draft``.
@@ -585,6 +630,7 @@ def mine(
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
         resize=resize,
+        min_inside=min_inside,
         jpeg_draft=jpeg_draft,
     )
     if ckpt.exists() and force:
