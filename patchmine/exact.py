@@ -14,6 +14,8 @@ exact sum is the value, so that float64 values can be summed exactly too.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 __all__ = ["ExactSum", "split_float64"]
@@ -235,3 +237,17 @@ class ExactSum:
         nf = torch.as_tensor(nonfinite, dtype=torch.int64).reshape(-1, *self.shape)
         self.nonfinite = nf.to(self.device).clone()
         self._since_carry = 0
+
+    def exact(self) -> list:
+        """The exact sums of the finite values as `fractions.Fraction`, one per cell (row-major)."""
+        first, limbs = self.canonical()
+        n = limbs.shape[0]
+        flat = limbs.reshape(n, self.cells).tolist()
+        scale = Fraction(2) ** (first * LIMB_BITS + UNIT)
+        out = []
+        for k in range(self.cells):
+            total = 0
+            for j in range(n - 1, -1, -1):
+                total = (total << LIMB_BITS) + flat[j][k]
+            out.append(total * scale)
+        return out
