@@ -24,6 +24,9 @@ LIMB_BITS = 32
 LIMBS = 9  # a float32 is an integer multiple of 2^-149 below 2^277: 9 limbs of 32 bits
 UNIT = -149  # log2 of the fixed-point unit
 NORMALIZE_AT = 1 << 30  # values per cell between carries: each adds < 2^32 to a limb
+_BIN_SHIFT = 3  # float32 exponents per float64 pre-sum bin: 2^3
+_BIN_CHUNK = 1 << 22  # values per pre-sum: 24 + 7 + 22 bits <= 53, the float64 sums are exact
+_BIN_TOP = 28 << _BIN_SHIFT  # exponents from here (|v| >= 2^97) skip the pre-sum: bin sums < 2^128
 POS_INF, NEG_INF, NAN = 0, 1, 2  # rows of the non-finite counts
 
 
@@ -101,6 +104,39 @@ class ExactSum:
 
         ``per_cell`` bounds how many of the values any one cell receives (for the carry).
         """
+        if values.numel() == 0:
+            return
+        if values.numel() >= 8 * self.cells:
+            self._add_binned(values, cell)
+            return
+        self._add_limbs(values, cell, per_cell)
+
+    def _add_binned(self, values: torch.Tensor, cell: torch.Tensor) -> None:
+        """Many values per cell: pre-sum them exactly in float64, per cell and bin of 8 float32
+        exponents (values there are multiples of one unit, below 2^31 units; 2^22 of them sum
+        exactly), then add the few bin sums to the limbs (split into float32 pieces, exactly)."""
+        v = values.to(self.device).float().reshape(-1)
+        cell = cell.to(self.device).reshape(-1)
+        exp = (v.view(torch.int32) >> 23) & 0xFF
+        odd = exp >= _BIN_TOP  # non-finite and huge values: the direct way
+        if bool(odd.any()):
+            self._add_limbs(v[odd], cell[odd], int(odd.sum()))
+            v, cell, exp = v[~odd], cell[~odd], exp[~odd]
+        cells = self.cells
+        for at in range(0, v.numel(), _BIN_CHUNK):
+            vb, cb = v[at : at + _BIN_CHUNK], cell[at : at + _BIN_CHUNK]
+            b = exp[at : at + _BIN_CHUNK] >> _BIN_SHIFT
+            lo, hi = int(b.min()), int(b.max())
+            acc = torch.zeros((hi - lo + 1) * cells, dtype=torch.float64, device=self.device)
+            acc.index_add_(0, (b - lo).long() * cells + cb, vb.double())
+            acc = acc.view(hi - lo + 1, cells)
+            nz = acc.ne(0).any(1)
+            acc = acc[nz]
+            pieces = split_float64(acc)  # (3, bins, cells): exact, no piece overflows
+            where = torch.arange(cells, device=self.device).expand_as(pieces)
+            self._add_limbs(pieces, where, 3 * acc.shape[0])
+
+    def _add_limbs(self, values: torch.Tensor, cell: torch.Tensor, per_cell: int) -> None:
         if values.numel() == 0:
             return
         if self._since_carry + per_cell > self.carry_at:

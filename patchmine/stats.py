@@ -221,16 +221,24 @@ class RunningStats:
         """Add (M, C) maps' count, mean and M2 to the exact sums (pieces that are zero in every
         map, e.g. all but one for (N, C) nodes, are skipped: they add nothing)."""
         M, C = count.shape
-        w = count.double()
-        s = w * mean.double()
-        r_hi, r_lo = _square_over(s, w)
-        rows = (_S, _Q, _R, _R)
-        pieces = torch.cat([split_float64(x) for x in (s, m2.double(), r_hi, r_lo)])  # (12, M, C)
-        keep = pieces.flatten(1).ne(0).any(1).nonzero().squeeze(1).tolist()
-        if keep:
-            cell = torch.arange(C, device=self.device).expand(M, C)
-            cells = torch.stack([cell + rows[k // 3] * C for k in keep])
-            self._sums.add(pieces[keep], cells, per_cell=M * len(keep))
+        cell = torch.arange(C, device=self.device).expand(M, C)
+        if bool((count <= 1).all()) and not bool(m2.any()):
+            # one value per map ((N, C) nodes): s is that float32 value, r = s^2 is exact in
+            # float64 and splits into two pieces; the general way gives the same pieces
+            s = mean.float()
+            r = split_float64(s.double().square())[:2]
+            cells = torch.stack([cell + _S * C, cell + _R * C, cell + _R * C])
+            self._sums.add(torch.cat([s[None], r]), cells, per_cell=3 * M)
+        else:
+            w = count.double()
+            s = w * mean.double()
+            r_hi, r_lo = _square_over(s, w)
+            rows = (_S, _Q, _R, _R)
+            pieces = torch.cat([split_float64(x) for x in (s, m2.double(), r_hi, r_lo)])
+            keep = pieces.flatten(1).ne(0).any(1).nonzero().squeeze(1).tolist()
+            if keep:
+                cells = torch.stack([cell + rows[k // 3] * C for k in keep])
+                self._sums.add(pieces[keep], cells, per_cell=M * len(keep))
         self._count += count.sum(0)
 
     def merge(self, other: RunningStats) -> None:
