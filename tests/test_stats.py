@@ -361,7 +361,8 @@ def test_any_grouping_gives_the_same_state_bits(seed, maps_split, shards):
     m = reduce_maps(torch.from_numpy(acts))
     for c, (mean, var) in enumerate(_fraction_stats(acts)):
         n = int(m.count[:, c].sum())
-        S = sum(Fraction(float(k * mu)) for k, mu in zip(m.count[:, c], m.mean[:, c].double()))
+        pairs = zip(m.count[:, c].tolist(), m.mean[:, c].double().tolist(), strict=True)
+        S = sum(Fraction(k * mu) for k, mu in pairs)
         assert res["mean"][c].item() == np.float32(float(S / n))
         # against the data: what the per-map float32 reductions allow
         scale = float(np.nanmean(np.abs(channel_values(acts)[c].astype(np.float64))))
