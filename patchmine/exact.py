@@ -99,6 +99,7 @@ class ExactSum:
         grown[self.first - lo : self.first - lo + n] = self.limbs
         self.limbs, self.first = grown, lo
 
+    @torch.inference_mode()
     def add(self, values: torch.Tensor, cell: torch.Tensor, per_cell: int) -> None:
         """Add float32 ``values`` into the cells of the same-shaped int64 flat indices ``cell``.
 
@@ -174,6 +175,7 @@ class ExactSum:
         idx = kind * self.cells + cell
         self.nonfinite.view(-1).index_add_(0, idx[bad], torch.ones_like(idx[bad]))
 
+    @torch.inference_mode()
     def carry(self) -> None:
         """Carry the limbs into canonical form (it also makes room: limbs below 2^32 again)."""
         if self.limbs.shape[0]:
@@ -181,6 +183,7 @@ class ExactSum:
             self.limbs = normalize(self.limbs)
         self._since_carry = 0
 
+    @torch.inference_mode()
     def merge(self, other: ExactSum) -> None:
         """Add another sum of the same shape into this one, in place."""
         if other.shape != self.shape:
@@ -265,6 +268,7 @@ class ExactSum:
             out = torch.where(nan | (pos & neg), float("nan"), out)
         return out
 
+    @torch.inference_mode()
     def load(self, first: int, limbs: torch.Tensor, nonfinite: torch.Tensor) -> None:
         """Replace the state by (first, limbs (n, *shape), nonfinite (0 or 3, *shape))."""
         self.limbs = torch.as_tensor(limbs, dtype=torch.int64).reshape(-1, *self.shape)

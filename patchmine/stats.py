@@ -203,6 +203,7 @@ class RunningStats:
         if self._npending >= _FLUSH_AT:
             self._flush()
 
+    @torch.inference_mode()
     def _flush(self) -> None:
         """Count the buffered batches: a few large ops instead of many small ones per batch, and
         the histogram (MBs) read while it stays in cache, not once per batch after the
@@ -241,6 +242,7 @@ class RunningStats:
                 self._sums.add(pieces[keep], cells, per_cell=M * len(keep))
         self._count += count.sum(0)
 
+    @torch.inference_mode()
     def merge(self, other: RunningStats) -> None:
         """Fold another accumulator of the same node into this one, in place.
 
@@ -345,6 +347,7 @@ class RunningStats:
             "hist": self._hist.cpu().clone(),
         }
 
+    @torch.inference_mode()
     def load_state_dict(self, sd: dict) -> None:
         """Restore a state from `state_dict` exactly.
 
