@@ -15,7 +15,7 @@ from patchmine.errors import UsageError
 from patchmine.merge import merge
 from patchmine.mine import mine
 from patchmine.receptive import Field, inside_fraction
-from tests.conftest import h5_attrs, h5_datasets
+from tests.conftest import assert_same_file
 from tests.test_mine import brute_force, inside_by_pixels
 
 LAYERS = ["pool", "add", "head"]
@@ -36,31 +36,6 @@ def _settings(model: str, **change) -> dict:
         min_inside=F,
     )
     return {**base, **change}
-
-
-def assert_same_file(a, b) -> None:
-    """`tests.conftest.assert_same_file`, except that the float32 ``stats/mean`` and ``stats/std``
-    may differ by one ulp: RunningStats merges float64 (count, mean, M2) with Chan's formula since
-    the numba removal, and an exact float32 rounding tie can then go either way between groupings
-    (seen on this corpus for `add` channel 7; nothing --min-inside changes). Everything else, the
-    top-k, boxes, patches and /thumbs included, must be bit-identical."""
-    da, db = h5_datasets(a), h5_datasets(b)
-    assert sorted(da) == sorted(db)
-    for key in da:
-        x, y = da[key], db[key]
-        assert x.shape == y.shape, key
-        if "/stats/state/" in key and x.dtype == np.float64:
-            assert np.allclose(x, y, rtol=1e-12, atol=0, equal_nan=True), key
-        elif key.endswith(("/stats/mean", "/stats/std")):
-            np.testing.assert_array_max_ulp(x, y, maxulp=1)
-        else:
-            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), key
-    assert h5_attrs(a).keys() == h5_attrs(b).keys()
-    for key, attrs in h5_attrs(a).items():
-        other = h5_attrs(b)[key]
-        assert attrs.keys() == other.keys(), key
-        for name in attrs:
-            assert np.array_equal(np.asarray(attrs[name]), np.asarray(other[name])), (key, name)
 
 
 def _border_share(lr) -> float:
