@@ -217,7 +217,10 @@ _WHOLE_RESIZE_PIXELS = 1 << 24
 
 
 def preprocess(
-    image: Image.Image, size: int, resize: int | None = None
+    image: Image.Image,
+    size: int,
+    resize: int | None = None,
+    full: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a PIL image, pixel for pixel.
 
@@ -225,7 +228,9 @@ def preprocess(
     shrinking), the longer to ``int(resize * long / short)``, then the ``size`` x ``size`` center is
     cut at ``round((n - size) / 2)``, zero-padded where the resized image is smaller. An image whose
     size the resize leaves unchanged (a ``size`` x ``size`` one with ``resize == size``) is only
-    cropped: it passes through pixel-exact.
+    cropped: it passes through pixel-exact. ``full``: the (height, width) of the image that
+    ``image`` is a reduced decode of (a JPEG draft); sizes and the transform are those of the full
+    image, only the pixels come from the reduced one.
 
     Returns:
         pixels: (size, size, 3) uint8.
@@ -237,11 +242,13 @@ def preprocess(
     if r < 1 or size < 1:
         raise ValueError(f"sizes must be positive, got size={size} resize={resize}")
     w, h = image.size
+    if full is not None:
+        h, w = full
     nh, nw = resized_size(h, w, r)
     top, left = _crop_start(nh, size), _crop_start(nw, size)
     transform = (nh / h, float(top), float(left), nw / w)
     box = (left, top, left + size, top + size)
-    if (nh, nw) == (h, w):
+    if (nh, nw) == (image.height, image.width):
         out = image.crop(box)  # Pillow fills outside the image with zeros, as torchvision pads
     elif nh * nw <= _WHOLE_RESIZE_PIXELS:
         out = image.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)
@@ -295,10 +302,8 @@ class CorpusDataset(Dataset):
         i = self.indices[item]
         s = self.size
         try:
-            img, reduced, shape = _decode(self.corpus.file(i), self.draft)
-            pixels, (sy, top, left, sx) = preprocess(img, s, self.resize)
-            # the scales map to the full image, not the draft
-            transform = (sy / reduced, top, left, sx / reduced)
+            img, _, shape = _decode(self.corpus.file(i), self.draft)
+            pixels, transform = preprocess(img, s, self.resize, full=shape)
             return {
                 "index": i,
                 "pixels": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),

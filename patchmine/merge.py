@@ -8,8 +8,9 @@ channel the top-k over every shard's entries under the exact tie rule (score des
 ascending, flat location ascending: ``TopK.merge`` over states rebuilt from the files), each winner's
 box, patch and heat map copied from its shard (no image is read, no model run), and the statistics
 merged from the files' ``stats/state`` accumulators. Files that do not belong together (model,
-weights, layers, k, per-image, preprocessing, corpus), an incomplete or overlapping set of shards and
-files that are not patchmine results are refused with a UsageError naming the difference.
+weights, layers, k, per-image, --min-inside, preprocessing, corpus), an incomplete or overlapping
+set of shards and files that are not patchmine results are refused with a UsageError naming the
+difference.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import torch
 
 from patchmine import store
 from patchmine.errors import UsageError, differences
+from patchmine.receptive import Field
 from patchmine.stats import RunningStats
 from patchmine.topk import TopK, entry_key
 
 __all__ = ["merge"]
 
+# Layer attributes computed from a file's own entries (recomputed when the merged file is written).
+_OWN = ("border_share",)
 # Root attributes that every shard of one run shares (what the run computed, and over what).
 _SAME = [
     ("model", "model"),
@@ -36,6 +40,7 @@ _SAME = [
     ("layer_order", "layers"),
     ("k", "k"),
     ("per_image", "per-image"),
+    ("min_inside", "--min-inside"),
     ("input_size", "input size"),
     ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
@@ -63,13 +68,15 @@ def _check(results: list[store.Result]) -> list[store.Result]:
         if diff:
             key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
+            if key == "min_inside":  # absent: the option was off
+                a, b = ("off" if v is None else v for v in (a, b))
             raise UsageError(
                 f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
                 f"({_short(a)} vs {_short(b)})"
             )
         for name in first.layers:
             la, lb = first.layer(name).attrs, r.layer(name).attrs
-            diff = differences(lb, la)
+            diff = differences(lb, la, [key for key in la if key not in _OWN])
             if diff:
                 raise UsageError(
                     f"cannot merge {r.path} with {first.path}: layer {name} differs in "
@@ -149,7 +156,8 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
     C, k = first.score.shape
     H, W = (int(v) for v in a["fmap_hw"])
     per_image = int(shards[0].attrs["per_image"])
-    merged = TopK(C, k, per_image, (H, W), a["rf_size"], a["rf_stride"])
+    nms = Field.from_attrs(a).suppression  # a whole-field token's own patch
+    merged = TopK(C, k, per_image, (H, W), nms.size, nms.stride)
     keys = []
     for lr, start in zip(layers, starts, strict=True):
         image = np.where(lr.image >= 0, lr.image + start, -1)
@@ -161,8 +169,8 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
                 lr.yx,
                 per_image=per_image,
                 fmap_hw=(H, W),
-                rf_size=a["rf_size"],
-                rf_stride=a["rf_stride"],
+                rf_size=nms.size,
+                rf_stride=nms.stride,
             )
         )
     res = {key: v.numpy() for key, v in merged.result().items()}
@@ -208,7 +216,7 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
             stats.merge(rs)
     state = stats.state_dict()
     return store.LayerData(
-        attrs=dict(a),
+        attrs={key: v for key, v in a.items() if key not in _OWN},
         score=res["score"],
         image=res["image"],
         yx=res["yx"],
@@ -235,11 +243,12 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
 
     Raises:
         UsageError: a file is missing or not a patchmine result; files that differ in model,
-            weights, layers, k, per-image, preprocessing or corpus; missing or repeated shards.
+            weights, layers, k, per-image, min-inside, preprocessing or corpus; missing or
+            repeated shards.
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")
-    out = store.check_writable(out, force=force)
+    out = store.check_writable(out, force=force, resumable=False)
     for p in paths:
         if Path(p).resolve() == out.resolve():
             raise UsageError(f"the output {out} is also an input: write the merge elsewhere")

@@ -14,7 +14,8 @@ A pipeline file has three tables whose keys are the long options of the matching
     [mine]                                     # `patchmine mine` options
     out = "../out/demo.h5"                     # the result file (required)
     model = "efficientnet_lite0"               # model, weights, layers, k, per_image, input_size,
-    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, batch_size, workers, device
+    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, min_inside, batch_size,
+                                               # workers, device
     k = 9
 
     [render]                                   # optional: `patchmine render` options
@@ -29,9 +30,9 @@ Each step runs only when it is out of date, like make:
 - corpus (only with a recipe): its first folder lacks the marker the last build left, or the recipe
   changed since (the marker holds the recipe's SHA-256). The recipe itself should be idempotent.
 - mine: the result file is missing, was not made by a pipeline, its recorded settings (model,
-  weights, layers, k, per_image, input_size, resize, patch_size, the corpus file list, the model file and
-  checkpoint) differ from the pipeline's, or a corpus image is newer than it. Settings that do not
-  change the result (batch_size, workers, device) never re-run it. The settings are stored as JSON
+  weights, layers, k, per_image, input_size, resize, patch_size, min_inside, the corpus file list,
+  the model file and checkpoint) differ from the pipeline's, or a corpus image is newer than it.
+  Settings that do not change the result (batch_size, workers, device) never re-run it. The settings are stored as JSON
   in the result's root attribute ``pipeline_settings``.
 - render: the gallery's ``index.html`` is missing or older than the result file, or the render
   settings (stored in ``.patchmine-render.json`` in the gallery) changed.
@@ -68,7 +69,7 @@ RECIPE_MARKER = ".patchmine-recipe"
 RENDER_MARKER = ".patchmine-render.json"
 
 # table -> key -> (kind, required, what it is); kinds: str, strs (str or list of str), int (>= 1),
-# int0 (>= 0), channels (str or list of int)
+# int0 (>= 0), fraction (0 < F <= 1), channels (str or list of int)
 _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
     "": {
         "name": ("str", False, "the pipeline's name"),
@@ -88,6 +89,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "input_size": ("int", False, "input side"),
         "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
+        "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
         "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
@@ -104,7 +106,8 @@ _TABLES = ("corpus", "mine", "render")
 _REQUIRED_TABLES = ("corpus", "mine")
 # [mine] keys the result depends on; batch_size, workers and device do not change it (DESIGN.md)
 _RESULT_KEYS = (
-    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size"
+    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size",
+    "min_inside",
 )
 
 
@@ -168,6 +171,10 @@ def _check(where: str, key: str, kind: str, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise bad(f"a whole number >= {low}")
         return value
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise bad("a number in (0, 1]")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")

@@ -340,7 +340,7 @@ def cli_results(tmp_path_factory, tiny_model):
         f["x"] = np.arange(3)
     shutil.copy(done, d / "v2.h5")
     with h5py.File(d / "v2.h5", "a") as f:
-        f.attrs["version"] = 2
+        f.attrs["version"] = 3
     ckpt = _make_checkpoint(corpus, d / "res.h5", tiny_model)
     (d / "garbage.h5.ckpt").write_bytes(b"\x80\x04 this is not a checkpoint")
     data = ckpt.read_bytes()
@@ -371,7 +371,8 @@ def cli_results(tmp_path_factory, tiny_model):
         "unknown command": ["frobnicate"],
         "empty corpus": ["mine", d / "empty", "--out", d / "n.h5", *base],
         "missing corpus": ["mine", d / "nowhere", "--out", d / "n.h5", *base],
-        "output folder missing": ["mine", corpus, "--out", d / "no" / "such" / "r.h5", *base],
+        "output folder cannot be made": ["mine", corpus, "--out", d / "text.h5" / "sub" / "r.h5",
+                                         *base],
         "output folder read-only": ["mine", corpus, "--out", ro_out, *base],
         "output exists": ["mine", corpus, "--out", done, *base],
         "output is a folder": ["mine", corpus, "--out", d / "empty", *base],
@@ -389,13 +390,13 @@ def cli_results(tmp_path_factory, tiny_model):
         "info: missing": ["info", d / "missing.h5"],
         "info: not HDF5": ["info", d / "text.h5"],
         "info: HDF5, not patchmine": ["info", d / "plain.h5"],
-        "info: schema version 2": ["info", d / "v2.h5"],
+        "info: schema version 3": ["info", d / "v2.h5"],
         "render: not HDF5": ["render", d / "text.h5", "--out", d / "r1"],
         "render: HDF5, not patchmine": ["render", d / "plain.h5", "--out", d / "r2"],
-        "render: schema version 2": ["render", d / "v2.h5", "--out", d / "r3"],
+        "render: schema version 3": ["render", d / "v2.h5", "--out", d / "r3"],
         "merge: not HDF5": ["merge", d / "text.h5", done, "--out", d / "m1.h5"],
         "merge: HDF5, not patchmine": ["merge", d / "plain.h5", done, "--out", d / "m2.h5"],
-        "merge: schema version 2": ["merge", d / "v2.h5", done, "--out", d / "m3.h5"],
+        "merge: schema version 3": ["merge", d / "v2.h5", done, "--out", d / "m3.h5"],
         # these succeed
         "ok: --force overwrites": ["mine", corpus, "--out", d / "again.h5", *base, "--force"],
         "ok: odd file names": ["mine", odd, "--out", d / "odd.h5", *base[:-1]],
@@ -420,7 +421,7 @@ USAGE = {  # case -> words the one line on stderr must hold
     "unknown command": ["frobnicate", "mine"],
     "empty corpus": ["empty corpus", "empty"],
     "missing corpus": ["does not exist", "nowhere"],
-    "output folder missing": ["output folder does not exist"],
+    "output folder cannot be made": ["cannot create output folder", "text.h5 is not a folder"],
     "output folder read-only": ["not writable"],
     "output exists": ["output exists", "--force"],
     "output is a folder": ["is a folder"],
@@ -437,13 +438,13 @@ USAGE = {  # case -> words the one line on stderr must hold
     "info: missing": ["no such file", "missing.h5"],
     "info: not HDF5": ["not an HDF5 file", "text.h5"],
     "info: HDF5, not patchmine": ["not a patchmine result file", "plain.h5"],
-    "info: schema version 2": ["schema version 2", "reads version 1"],
+    "info: schema version 3": ["schema version 3", "reads versions 1 and 2"],
     "render: not HDF5": ["not an HDF5 file"],
     "render: HDF5, not patchmine": ["not a patchmine result file"],
-    "render: schema version 2": ["schema version 2"],
+    "render: schema version 3": ["schema version 3"],
     "merge: not HDF5": ["not an HDF5 file"],
     "merge: HDF5, not patchmine": ["not a patchmine result file"],
-    "merge: schema version 2": ["schema version 2"],
+    "merge: schema version 3": ["schema version 3"],
 }
 
 
@@ -711,10 +712,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, fault_corpus, tiny_model
 def test_weights_file_that_runs_code_is_refused(tmp_path, tiny_model, capsys):
     weights, marker = tmp_path / "w.pt", tmp_path / "pwned"
     torch.save({"conv1.weight": _RunsCode(marker)}, weights)
-    assert cli.main(["layers", tiny_model, "--weights", str(weights), "--input-size", "64"]) == 2
+    # `layers` reads no weights (the table is the architecture's): `filters` loads them
+    argv = ["filters", tiny_model, "--weights", str(weights), "--out", str(tmp_path / "f.png")]
+    assert cli.main([*argv, "--input-size", "64"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "patchmine layers: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
+    assert "patchmine filters: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
     assert re.search(r"refused: it names (builtins\.)?exec\b", lines[0]), lines
     assert not marker.exists()
 
@@ -726,7 +729,7 @@ def test_output_checks_before_any_work(tmp_path, tiny_model, monkeypatch):
     for out, match in [
         (tmp_path / "exists.h5", "output exists"),
         (tmp_path, "is a folder"),
-        (tmp_path / "missing" / "r.h5", "does not exist"),
+        (tmp_path / "exists.h5" / "missing" / "r.h5", "cannot create output folder"),
     ]:
         with pytest.raises(UsageError, match=match):
             _mine([tmp_path], out, tiny_model)
