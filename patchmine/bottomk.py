@@ -112,6 +112,22 @@ class BottomK:
         bk.load_state_dict(sd)
         return bk
 
+    @classmethod
+    def from_result(cls, score, image, yx, *, per_image: int = 1,
+                    fmap_hw: tuple[int, int] = (1, 1), rf_size: tuple[int, int] = (1, 1),
+                    rf_stride: tuple[int, int] = (1, 1), device="cpu") -> BottomK:
+        """A collector that holds a stored bottom-k (a file's ``bottom/`` score, image, yx).
+
+        Args:
+            score: (C, k) float32 ascending, image: (C, k) int64 (-1 unused), yx: (C, k, 2);
+                numpy arrays or tensors. The rest as for the constructor.
+        """
+        bk = cls.__new__(cls)
+        bk._top = TopK.from_result(torch.as_tensor(score).neg(), image, yx, per_image=per_image,
+                                   fmap_hw=fmap_hw, rf_size=rf_size, rf_stride=rf_stride,
+                                   device=device)
+        return bk
+
     def to(self, device) -> BottomK:
         """Move the state to `device` (in place); returns self."""
         self._top.to(device)
