@@ -113,9 +113,18 @@ class BottomK:
         return bk
 
     @classmethod
-    def from_result(cls, score, image, yx, *, per_image: int = 1,
-                    fmap_hw: tuple[int, int] = (1, 1), rf_size: tuple[int, int] = (1, 1),
-                    rf_stride: tuple[int, int] = (1, 1), device="cpu") -> BottomK:
+    def from_result(
+        cls,
+        score,
+        image,
+        yx,
+        *,
+        per_image: int = 1,
+        fmap_hw: tuple[int, int] = (1, 1),
+        rf_size: tuple[int, int] = (1, 1),
+        rf_stride: tuple[int, int] = (1, 1),
+        device="cpu",
+    ) -> BottomK:
         """A collector that holds a stored bottom-k (a file's ``bottom/`` score, image, yx).
 
         Args:
@@ -123,9 +132,16 @@ class BottomK:
                 numpy arrays or tensors. The rest as for the constructor.
         """
         bk = cls.__new__(cls)
-        bk._top = TopK.from_result(torch.as_tensor(score).neg(), image, yx, per_image=per_image,
-                                   fmap_hw=fmap_hw, rf_size=rf_size, rf_stride=rf_stride,
-                                   device=device)
+        bk._top = TopK.from_result(
+            torch.as_tensor(score).neg(),
+            image,
+            yx,
+            per_image=per_image,
+            fmap_hw=fmap_hw,
+            rf_size=rf_size,
+            rf_stride=rf_stride,
+            device=device,
+        )
         return bk
 
     def to(self, device) -> BottomK:

@@ -222,7 +222,9 @@ def _merge_classes(layers: list[store.LayerResult]) -> ClassMeans | None:
         try:
             cm = ClassMeans.from_state_dict(sd)
         except (KeyError, ValueError) as e:
-            raise UsageError(f"{lr.result.path}: layer {lr.name} has a damaged class_state ({e})")
+            raise UsageError(
+                f"{lr.result.path}: layer {lr.name} has a damaged class_state ({e})"
+            ) from None
         if merged is None:
             merged = cm
         else:

@@ -466,9 +466,7 @@ class Miner:
             for collector, bottom in kinds:
                 r = {key: v.cpu().numpy() for key, v in collector.result().items()}
                 plans.append(
-                    LayerPlan(
-                        n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"], bottom
-                    )
+                    LayerPlan(n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"], bottom)
                 )
         return plans
 
@@ -537,7 +535,9 @@ class Miner:
             attrs["labels"] = self.labels.spec
             records["label"] = self.labels.label.numpy()
             labels = store.label_table(
-                self.labels.names, records["label"][rows.start : rows.stop], self.ok[rows.start : rows.stop]
+                self.labels.names,
+                records["label"][rows.start : rows.stop],
+                self.ok[rows.start : rows.stop],
             )
         images = store.image_table(self.corpus, records, rows)
         store.write_result(

@@ -375,7 +375,9 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop, labels=None) -
     g.create_dataset("shape", data=np.asarray(images["shape"], dtype=np.int32).reshape(-1, 2))
     g.create_dataset("ok", data=np.asarray(images["ok"], dtype=bool))
     transform = np.asarray(images["transform"], dtype=np.float32)  # (N,4); (N,3) merged from old
-    g.create_dataset("transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4))
+    g.create_dataset(
+        "transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4)
+    )
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
     if "label" in images:
         g.create_dataset("label", data=np.asarray(images["label"], dtype=np.int32))

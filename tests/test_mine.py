@@ -60,8 +60,12 @@ def _iou(a, b) -> float:
     return inter / (2 * area - inter)
 
 
-def brute_force(model, layers, size, corpus_dir, k, per_image):
-    """Every activation of every image, sorted by hand: the reference the file must equal."""
+def brute_force(model, layers, size, corpus_dir, k, per_image, bottom=False):
+    """Every activation of every image, sorted by hand: the reference the file must equal.
+
+    With ``bottom`` the k most negative entries (``--bottom-k``), ascending, under the same rules.
+    """
+    sign = -1.0 if bottom else 1.0  # rank by sign * activation, best first
     lm = load_model(model, "none", size)
     corpus = discover([corpus_dir])
     ds = CorpusDataset(corpus, size)
@@ -90,17 +94,17 @@ def brute_force(model, layers, size, corpus_dir, k, per_image):
             entries = []
             for row, img in enumerate(index):
                 flat = a[row, ch].reshape(-1)
-                order = sorted(range(h * w), key=lambda j, f=flat: (-f[j], j))
+                order = sorted(range(h * w), key=lambda j, f=flat: (-sign * f[j], j))
                 kept: list[int] = []
                 for j in order:
                     if len(kept) == per_image:
                         break
                     if all(_iou(loc_boxes[j], loc_boxes[q]) <= 0.5 for q in kept):
                         kept.append(j)
-                entries += [(-float(flat[j]), img, j) for j in kept]
+                entries += [(-sign * float(flat[j]), img, j) for j in kept]
             entries.sort()
-            for slot, (neg, img, j) in enumerate(entries[:k]):
-                score[ch, slot], image[ch, slot] = -neg, img
+            for slot, (key, img, j) in enumerate(entries[:k]):
+                score[ch, slot], image[ch, slot] = -sign * key, img
                 yx[ch, slot] = divmod(j, w)
         ref[n] = (score, image, yx, a)
     return ref, fields
@@ -184,7 +188,7 @@ def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
             "corpus_roots",
         ]:
             assert key in a, key
-        assert a["format"] == "patchmine" and a["version"] == 1
+        assert a["format"] == "patchmine" and a["version"] == 2
         assert a["resize"] == 64  # default: the input size (torchvision's Resize(S) + CenterCrop(S))
         pool, head = r.layer("pool"), r.layer("head")
         assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
