@@ -292,9 +292,10 @@ def test_pipeline_keys(tmp_path, tiny_model):
     s = p.settings(discover([tmp_path / "corpus"]))
     assert s["bottom_k"] is True and s["labels_file"]
     (tmp_path / "labels.csv").write_text("a/img_000.jpg,y\n")  # new contents: out of date
-    assert load_pipeline(job).settings(discover([tmp_path / "corpus"]))["labels_file"] != s[
-        "labels_file"
-    ]
+    assert (
+        load_pipeline(job).settings(discover([tmp_path / "corpus"]))["labels_file"]
+        != s["labels_file"]
+    )
     job.write_text(body.replace("bottom_k = true", 'bottom_k = "yes"'))
     with pytest.raises(UsageError, match="bottom_k must be true or false"):
         load_pipeline(job)
