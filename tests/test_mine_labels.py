@@ -353,3 +353,28 @@ def test_real_photos_logits_class_means_find_their_class(tmp_path):
     hits = sum(int(np.argmax(class_mean[c])) == j for j, c in enumerate(channel))
     assert hits >= 0.85 * len(names), hits
     assert torch.from_numpy(class_mean).isfinite().all()
+
+
+def test_image_max_leaves_nan_out_on_either_path():
+    """The per-image maxima the class means take: from `reduce_maps` (CPU) and without it (the
+    device path) alike; NaN values left out, a map of NaN only gives NaN, infinities kept."""
+    from patchmine.maps import reduce_maps
+    from patchmine.mine import _image_max
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, 4, 4, generator=g)
+    a[0, 1, 2, 3] = float("nan")  # one NaN: the max of the rest
+    a[1, 2] = float("nan")  # all NaN
+    a[2, 3, 0, 0], a[2, 3, 1, 1] = float("inf"), float("-inf")  # both infinities: +inf
+    a[2, 4] = float("-inf")
+    want = torch.tensor(
+        [
+            [np.nanmax(m) if not np.isnan(m).all() else np.nan for m in img.reshape(5, -1).numpy()]
+            for img in a
+        ]  # fmt: skip
+    )
+    for got in (_image_max(a, reduce_maps(a)), _image_max(a, None)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    flat = a[:, :, 0, 0].contiguous()  # (N, C) nodes
+    torch.testing.assert_close(_image_max(flat, None), _image_max(flat, reduce_maps(flat)),
+                               equal_nan=True, rtol=0, atol=0)  # fmt: skip
