@@ -2,11 +2,13 @@
 
 Public names: `RunningStats`, `bin_edges`.
 
-count, mean, std (population, ddof=0) and max cover every location of every image. Sums are per
-(image, channel) map in float32 (a function of the image alone), accumulated over images in
-float64 (batches are buffered and added every ~2M values), so the float32 results do not depend on
-batching, order or sharding in practice. std comes from E[x^2] - E[x]^2 and so loses relative
-accuracy on channels whose std is below ~1e-3 of their mean. NaN activations are skipped (not
+count, mean, std (population, ddof=0) and max cover every location of every image. Each
+(image, channel) map gives its count, mean and M2 (sum of squared deviations from its mean; see
+`patchmine.maps`, no E[x^2] - E[x]^2 cancellation), a function of the image alone. They are merged
+in float64 with Chan et al.'s parallel formula (as dissect's RunningVariance does): buffered maps
+into one group per channel, that group into the state, and states into each other by `merge`.
+Another batching, order or sharding changes the float64 state in its last bits only (relative
+~1e-15), so the float32 results do not depend on it in practice. NaN activations are skipped (not
 counted, enter no statistic).
 
 Quantiles come from a fixed-bin histogram with int64 counts (exactly mergeable). Bins follow the
@@ -28,20 +30,20 @@ histogram costs no extra read of the activations.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from patchmine.maps import Maps, lattice, reduce_maps
+from patchmine.maps import Maps, exact_moments, lattice, reduce_maps
 
 __all__ = ["RunningStats", "bin_edges"]
 
-_VERSION = 1
+_VERSION = 2  # 1: float64 sum and sum of squares instead of mean and M2
 _SHIFT = 18  # float32 bits dropped: 23 - 18 = 5 mantissa bits kept, 32 bins per octave
 _LO_EXP, _HI_EXP = -14, 17
-_G0 = (127 + _LO_EXP) << (23 - _SHIFT)  # bit group of 2^-14: the first regular bin
-_P = ((_HI_EXP - _LO_EXP) << (23 - _SHIFT)) + 1  # bins per sign; _P itself is the overflow bin
-_NBINS = 2 * _P + 1  # slot _P holds |v| < 2^-14
+_FIRST_GROUP = (127 + _LO_EXP) << (23 - _SHIFT)  # bit group of 2^-14: the first regular bin
+_SIDE = (
+    (_HI_EXP - _LO_EXP) << (23 - _SHIFT)
+) + 1  # bins per sign; _SIDE itself is the overflow bin
+_NBINS = 2 * _SIDE + 1  # slot _SIDE holds |v| < 2^-14
 _NSLOTS = _NBINS + 1  # the last slot collects NaN and is never read
 _DEFAULT_Q = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 _FLUSH_AT = 1 << 21  # values (maps and histogram samples) buffered before they are counted
@@ -49,34 +51,33 @@ _GROUPS = 1 << (31 - _SHIFT)  # float32 bit groups of one sign
 
 
 def _slots(v: torch.Tensor) -> torch.Tensor:
-    """Histogram slot - _P, in [-_P, _P], of each value of a contiguous float32 tensor (int32).
+    """Histogram slot - _SIDE, in [-_SIDE, _SIDE], of each value of a contiguous float32 tensor (int32).
 
     NaN lands in an end slot: mask it.
     """
     b = v.view(torch.int32)
     p = (b & 0x7FFFFFFF).bitwise_right_shift_(_SHIFT)
-    p.sub_(_G0 - 1).clamp_(0, _P)
+    p.sub_(_FIRST_GROUP - 1).clamp_(0, _SIDE)
     s = b >> 31  # 0 or -1: negate p for negative values
     return p.bitwise_xor_(s).sub_(s)
 
 
 def _slot_table() -> torch.Tensor:
-    """(2 * _GROUPS,) int32: _P + the slot of the values whose bits >> _SHIFT are g - _GROUPS."""
+    """(2 * _GROUPS,) int32: _SIDE + the slot of the values whose bits >> _SHIFT are g - _GROUPS."""
     g = torch.arange(-_GROUPS, _GROUPS, dtype=torch.int32)
-    return _slots((g << _SHIFT).view(torch.float32)) + _P
+    return _slots((g << _SHIFT).view(torch.float32)) + _SIDE
 
 
 def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) float64 value range of each of the _NBINS slots, lo <= hi."""
-    p = torch.arange(1, _P, dtype=torch.int64)
-    g = p + _G0 - 1
+    p = torch.arange(1, _SIDE, dtype=torch.int64)
+    g = p + _FIRST_GROUP - 1
     lo = (g << _SHIFT).to(torch.int32).view(torch.float32).double()
     hi = ((g + 1) << _SHIFT).to(torch.int32).view(torch.float32).double()
     top = torch.tensor([2.0**_HI_EXP], dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
     pos_lo, pos_hi = torch.cat([lo, top]), torch.cat([hi, top])
-    return (torch.cat([-pos_hi.flip(0), zero, pos_lo]),
-            torch.cat([-pos_lo.flip(0), zero, pos_hi]))
+    return (torch.cat([-pos_hi.flip(0), zero, pos_lo]), torch.cat([-pos_lo.flip(0), zero, pos_hi]))
 
 
 def bin_edges():
@@ -84,26 +85,6 @@ def bin_edges():
     its last column (NaN) has no bin."""
     lo, hi = _slot_edges()
     return lo.numpy(), hi.numpy()
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run the enclosed CPU ops on the calling thread only (elsewhere: no effect).
-
-    For the many small ops of `RunningStats.add`: spread over intra-op threads, each op ends at a
-    barrier, and on a busy machine a barrier waits out a scheduler time slice for a preempted
-    thread. One thread also keeps the sums of a lone map (which torch would split) independent
-    of the thread count.
-    """
-    n = torch.get_num_threads() if device.type == "cpu" else 1
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class RunningStats:
@@ -136,14 +117,14 @@ class RunningStats:
         self._sync_free = self.device.type != "cpu"
         C, dev = self.channels, self.device
         self._count = torch.zeros(C, dtype=torch.int64, device=dev)
-        self._sum = torch.zeros(C, dtype=torch.float64, device=dev)
-        self._sumsq = torch.zeros(C, dtype=torch.float64, device=dev)
+        self._mean = torch.zeros(C, dtype=torch.float64, device=dev)
+        self._m2 = torch.zeros(C, dtype=torch.float64, device=dev)
         self._max = torch.full((C,), float("-inf"), dtype=torch.float32, device=dev)
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
         self._table = _slot_table().to(dev)
         self._offsets = torch.arange(C, dtype=torch.int32, device=dev)[:, None] * _NSLOTS
-        # batches not yet counted: (sum, sum of squares, max, count) per map, and histogram slots
+        # batches not yet counted: (count, mean, M2, max) per map, and histogram slots
         self._pending_maps: list[tuple] = []
         self._pending_slots: list[torch.Tensor] = []
         self._npending = 0
@@ -157,51 +138,35 @@ class RunningStats:
                 with TopK); without the sample, the histogram reads it from ``acts``.
         """
         if acts.dim() not in (2, 4) or acts.shape[1] != self.channels:
-            raise ValueError(f"acts must be (N, {self.channels}, H, W) or (N, {self.channels}), "
-                             f"got shape {tuple(acts.shape)}")
+            raise ValueError(
+                f"acts must be (N, {self.channels}, H, W) or (N, {self.channels}), "
+                f"got shape {tuple(acts.shape)}"
+            )
         if acts.device != self.device:
             raise ValueError(f"acts are on {acts.device} but these stats live on {self.device}")
         N, C = acts.shape[:2]
         if N == 0:
             return
-        if not self._sync_free and maps is None:
-            maps = reduce_maps(acts, sample=self.sample)
-        with _one_thread(self.device):
-            self._add(acts, maps)
-
-    def _add(self, acts: torch.Tensor, maps: Maps | None) -> None:
-        N, C = acts.shape[:2]
         a4 = acts if acts.dim() == 4 else acts[:, :, None, None]
         H, W = a4.shape[2:]
         x = a4.reshape(N, C, H * W)
-        count = N * H * W  # per channel, or (N, C) per map where NaNs were skipped
-        if self._sync_free:
-            nan = torch.isnan(x)
-            count = (H * W) - nan.sum(2)
-            xz = x.masked_fill(nan, 0.0)
-            rsum, rsumsq = xz.sum(2), xz.square().sum(2)
-            rmax = x.masked_fill(nan, float("-inf")).amax(2)
+        if maps is None and not self._sync_free:
+            maps = reduce_maps(acts, sample=self.sample)
+        if maps is None:  # no host synchronization: every map the exact way
+            count, mean, m2 = (t.view(N, C) for t in exact_moments(x.reshape(N * C, H * W)))
+            rmax = x.float().masked_fill(torch.isnan(x), float("-inf")).amax(2)
+            self._pending_maps.append((count, mean, m2, rmax))
             has_nan = True
         else:
-            rmax, rsum, rsumsq, has_nan = maps.max, maps.sum, maps.sumsq, maps.nan
-            if has_nan:  # rare: redo the maps that hold a NaN without it
-                rmax, rsum, rsumsq = rmax.clone(), rsum.clone(), rsumsq.clone()
-                n_i, c_i = torch.isnan(rmax).nonzero(as_tuple=True)
-                rows = x[n_i, c_i]
-                nan = torch.isnan(rows)
-                zero = rows.masked_fill(nan, 0.0)
-                rsum[n_i, c_i] = zero.sum(1)
-                rsumsq[n_i, c_i] = zero.square().sum(1)
-                rmax[n_i, c_i] = rows.masked_fill(nan, float("-inf")).amax(1)
-                count = torch.full((N, C), H * W, dtype=torch.int64, device=self.device)
-                count[n_i, c_i] -= nan.sum(1)
-        self._pending_maps.append((rsum, rsumsq, rmax, count))
+            self._pending_maps.append((maps.count, maps.mean, maps.m2, maps.max))
+            has_nan = maps.nan
         lat = lattice(H, W, self.sample)
         if maps is not None and maps.grid is not None and maps.lattice == lat:
             grid = maps.grid
         else:
-            grid = torch.empty(x[:, :, lat[0] :: lat[1]].shape, dtype=torch.float32,
-                               device=self.device).copy_(x[:, :, lat[0] :: lat[1]])
+            grid = torch.empty(
+                x[:, :, lat[0] :: lat[1]].shape, dtype=torch.float32, device=self.device
+            ).copy_(x[:, :, lat[0] :: lat[1]])
         group = grid.view(torch.int32).bitwise_right_shift(_SHIFT).add_(_GROUPS)
         idx = self._table.index_select(0, group.view(-1)).view(grid.shape)
         if has_nan:
@@ -216,17 +181,28 @@ class RunningStats:
         the histogram (MBs) read while it stays in cache, not once per batch after the
         activations have evicted it."""
         if self._pending_maps:
-            rsum, rsumsq, rmax, count = zip(*self._pending_maps, strict=True)
-            self._sum += torch.cat(rsum).double().sum(0)
-            self._sumsq += torch.cat(rsumsq).double().sum(0)
-            self._max = torch.maximum(self._max, torch.cat(rmax).amax(0).float())
-            for c in count:
-                self._count += c if isinstance(c, int) else c.sum(0)
+            count, mean, m2, rmax = (torch.cat(t) for t in zip(*self._pending_maps, strict=True))
+            # the buffered maps as one group per channel (Chan's formula over many groups)
+            n = count.sum(0)
+            w = count.double()
+            group_mean = (w * mean).sum(0) / n.clamp(min=1)
+            group_m2 = m2.sum(0) + (w * (mean - group_mean).square()).sum(0)
+            self._combine(n, group_mean, group_m2)
+            self._max = torch.maximum(self._max, rmax.amax(0))
         for idx in self._pending_slots:
             if self._ones.numel() < idx.numel():
                 self._ones = torch.ones(idx.numel(), dtype=torch.int64, device=self.device)
             self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
         self._pending_maps, self._pending_slots, self._npending = [], [], 0
+
+    def _combine(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold a group's per-channel (count, mean, M2) into the state (Chan et al.'s formula)."""
+        total = self._count + n
+        share = n.double() / total.clamp(min=1)
+        delta = mean - self._mean
+        self._m2 = self._m2 + m2 + delta.square() * self._count.double() * share
+        self._mean = self._mean + delta * share
+        self._count = total
 
     def merge(self, other: RunningStats) -> None:
         """Fold another accumulator of the same node into this one, in place.
@@ -239,11 +215,10 @@ class RunningStats:
         self._check_same(other._config(), "the other RunningStats")
         self._flush()
         other._flush()
-        self._count += other._count.to(self.device)
-        self._sum += other._sum.to(self.device)
-        self._sumsq += other._sumsq.to(self.device)
-        self._max = torch.maximum(self._max, other._max.to(self.device))
-        self._hist += other._hist.to(self.device)
+        dev = self.device
+        self._combine(other._count.to(dev), other._mean.to(dev), other._m2.to(dev))
+        self._max = torch.maximum(self._max, other._max.to(dev))
+        self._hist += other._hist.to(dev)
 
     def result(self) -> dict[str, torch.Tensor]:
         """The statistics so far (NaN for a channel that saw no value).
@@ -253,15 +228,13 @@ class RunningStats:
             q: (Q,) float32, the quantile levels.
         """
         self._flush()
-        n = self._count.double()
-        mean = self._sum / n
-        var = (self._sumsq / n - mean.square()).clamp(min=0)
         empty = self._count == 0
         nan = float("nan")
+        std = (self._m2 / self._count.double()).sqrt()
         return {
             "count": self._count.clone(),
-            "mean": mean.float(),
-            "std": var.sqrt().float(),
+            "mean": self._mean.masked_fill(empty, nan).float(),
+            "std": std.float(),
             "max": self._max.masked_fill(empty, nan),
             "quantile": self._quantiles().float(),
             "q": torch.tensor(self.quantiles, dtype=torch.float32, device=self.device),
@@ -284,39 +257,59 @@ class RunningStats:
 
     # ------------------------------------------------------------------ state
     def _config(self) -> dict:
-        return {"channels": self.channels, "quantiles": list(self.quantiles),
-                "sample": self.sample, "bins": _NBINS}
+        return {
+            "channels": self.channels,
+            "quantiles": list(self.quantiles),
+            "sample": self.sample,
+            "bins": _NBINS,
+        }
 
     def _check_same(self, other_cfg: dict, what: str) -> None:
         mine = self._config()
         got = {n: list(v) if isinstance(v, (list, tuple)) else v for n, v in other_cfg.items()}
-        diff = [f"{n} {mine[n]} here vs {got.get(n)} in {what}" for n in mine
-                if got.get(n) != mine[n]]
+        diff = [
+            f"{n} {mine[n]} here vs {got.get(n)} in {what}" for n in mine if got.get(n) != mine[n]
+        ]
         if diff:
             raise ValueError("cannot combine RunningStats that differ: " + "; ".join(diff))
 
     def state_dict(self) -> dict:
-        """Plain data: config, "version" and CPU tensors count, sum, sumsq (float64), max, hist."""
+        """Plain data: config, "version" and CPU tensors count, mean, m2 (float64), max, hist."""
         self._flush()
-        return {"version": _VERSION, **self._config(),
-                "count": self._count.cpu().clone(), "sum": self._sum.cpu().clone(),
-                "sumsq": self._sumsq.cpu().clone(), "max": self._max.cpu().clone(),
-                "hist": self._hist.cpu().clone()}
+        return {
+            "version": _VERSION,
+            **self._config(),
+            "count": self._count.cpu().clone(),
+            "mean": self._mean.cpu().clone(),
+            "m2": self._m2.cpu().clone(),
+            "max": self._max.cpu().clone(),
+            "hist": self._hist.cpu().clone(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a state from `state_dict` exactly.
 
+        A version-1 state (float64 ``sum`` and ``sumsq`` instead of ``mean`` and ``m2``, from
+        files written before) is converted; its M2 keeps the cancellation of ``sumsq - sum^2/n``.
+
         Raises:
             ValueError: on an unknown version or a config that differs from this accumulator's.
         """
-        if sd.get("version") != _VERSION:
-            raise ValueError(f"RunningStats state version {sd.get('version')!r} is not supported "
-                             f"(expected {_VERSION})")
+        if sd.get("version") not in (1, _VERSION):
+            raise ValueError(
+                f"RunningStats state version {sd.get('version')!r} is not supported "
+                f"(expected {_VERSION})"
+            )
         self._check_same({n: sd.get(n) for n in self._config()}, "the state dict")
         dev = self.device
-        self._count = sd["count"].to(dev, torch.int64).clone()
-        self._sum = sd["sum"].to(dev, torch.float64).clone()
-        self._sumsq = sd["sumsq"].to(dev, torch.float64).clone()
+        count = sd["count"].to(dev, torch.int64).clone()
+        if "sumsq" in sd:  # version 1
+            total = sd["sum"].to(dev, torch.float64)
+            mean = total / count.clamp(min=1)
+            m2 = (sd["sumsq"].to(dev, torch.float64) - total * mean).clamp(min=0)
+        else:
+            mean, m2 = sd["mean"].to(dev, torch.float64), sd["m2"].to(dev, torch.float64)
+        self._count, self._mean, self._m2 = count, mean.clone(), m2.clone()
         self._max = sd["max"].to(dev, torch.float32).clone()
         self._hist = sd["hist"].to(dev, torch.int64).clone()
         self._pending_maps, self._pending_slots, self._npending = [], [], 0
@@ -333,7 +326,7 @@ class RunningStats:
         self._flush()
         self.device = torch.device(device)
         self._sync_free = self.device.type != "cpu"
-        for name in ("_count", "_sum", "_sumsq", "_max", "_hist", "_ones", "_table", "_offsets"):
+        for name in ("_count", "_mean", "_m2", "_max", "_hist", "_ones", "_table", "_offsets"):
             setattr(self, name, getattr(self, name).to(self.device))
         return self
 

@@ -11,11 +11,11 @@ activations never enter. The result is a pure function of the multiset of (image
 activations) fed in: batching, batch order, merges of shards and resumes do not change it.
 
 Speed: an entry's order is the composite key (score desc, ``image * H * W + loc`` asc). On CPU the
-hot path takes each (image, channel) map's max (`patchmine.maps.reduce_maps`: one read of the
-activations, shared with `patchmine.stats.RunningStats`), drops the maps that cannot beat their
-channel's current k-th entry (one comparison on the (N, C) maxima; while the state fills up, also
-those below their channel's k-th best in the batch), and locates the max of only the few maps that
-survive (`patchmine.maps.locate`: each read up to its known max, in place). Survivors are buffered
+hot path takes each (image, channel) map's max with ``amax`` (exact, so the filter below is too;
+`patchmine.maps.reduce_maps` shares it with `patchmine.stats.RunningStats`), drops the maps that
+cannot beat their channel's current k-th entry (one comparison on the (N, C) maxima; while the state
+fills up, also those below their channel's k-th best in the batch), and runs ``argmax`` on the few
+maps that survive (first occurrence on ties: the smallest flat location). Survivors are buffered
 and merged into the (C, k) state with three stable sorts over the flat buffer, which resolve ties
 exactly (``torch.topk`` gives a threshold value at most, it never picks among tied entries). On
 other devices the same state and merge run without host synchronization: NaNs are replaced in a
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from patchmine.maps import Maps, locate, reduce_maps
+from patchmine.maps import Maps, map_max
 from patchmine.receptive import _pair
 
 __all__ = ["TopK", "entry_key"]
@@ -160,7 +160,8 @@ class TopK:
             acts: (N, C, H, W), or (N, C) for a node without spatial dims (a 1 x 1 map); any
                 floating dtype (scores are kept as float32), on `self.device`.
             image_index: (N,) int64 global corpus indices of the batch's images (>= 0).
-            maps: ``maps.reduce_maps(acts)`` when the caller has it (shared with RunningStats).
+            maps: ``maps.reduce_maps(acts)`` when the caller has it (shared with RunningStats);
+                only its ``max`` and ``nan`` are read.
         """
         given = acts
         if acts.dim() == 2:
@@ -193,13 +194,11 @@ class TopK:
                       N: int, maps: Maps | None) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C, k = self.channels, self.k
-        maps = maps if maps is not None else reduce_maps(given)
-        m, has_nan = maps.max, maps.nan
-        if has_nan:  # rare
-            m = m.clone()
-            bad = torch.isnan(m).view(-1).nonzero().squeeze(1)
-            m.view(-1)[bad] = x[bad].nan_to_num(nan=_NEG_INF, posinf=float("inf"),
-                                                neginf=_NEG_INF).amax(1)
+        if maps is not None:
+            m, has_nan = maps.max, maps.nan
+        else:
+            m, has_nan = map_max(x.float())
+            m = m.view(N, C)
         t_score = self._score.view(C, k)[:, -1]
         t_key = self._key.view(C, k)[:, -1]
         # a -inf map kept while its channel has free slots is pushed as an unused slot
@@ -215,15 +214,18 @@ class TopK:
         chan = rows % C
         base = img_l[rows // C]
         if self.per_image == 1:
-            loc, score = locate(x, rows, m.view(-1)[rows])
-            self._push(chan, score, base + loc)
+            w = x[rows].float()
+            if has_nan:
+                w = w.nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+            loc = w.argmax(1)  # argmax documents the first occurrence on ties
+            self._push(chan, m.view(-1)[rows], base + loc)
         else:
             self._push_nms(x[rows], chan, base)
 
     def _add_dense(self, x: torch.Tensor, img_l: torch.Tensor, N: int) -> None:
         """Device path without host syncs: every map yields its candidates."""
         C = self.channels
-        x = x.nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+        x = x.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
         chan = self._const("arange_c").repeat(N)
         base = img_l.repeat_interleave(C)
         if self.per_image == 1:

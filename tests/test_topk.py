@@ -172,6 +172,7 @@ def test_float64_and_half_inputs():
 
 # ---------------------------------------------------------------- merge and state
 
+
 def shard_collectors(acts, images, k, per_image, fmap, parts, **rf):
     out = []
     for p in parts:
@@ -187,8 +188,12 @@ def clone(tk):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), per_image=st.sampled_from([1, 2, 3]),
-       k=st.sampled_from([1, 3, 7, 30]), n=st.integers(1, 24))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    per_image=st.sampled_from([1, 2, 3]),
+    k=st.sampled_from([1, 3, 7, 30]),
+    n=st.integers(1, 24),
+)
 def test_merge_associative_commutative_and_equal_to_one_pass(seed, per_image, k, n):
     rng = np.random.default_rng(seed)
     acts = tied_acts(rng, (n, 3, 3, 4), nan=0.03, levels=3)
@@ -261,10 +266,34 @@ def test_add_validates_shapes():
         TopK(4, 0)
 
 
-def test_to_keeps_state():
-    tk = TopK(2, 3, fmap_hw=(2, 2))
-    tk.add(torch.arange(16.0).reshape(2, 2, 2, 2), torch.tensor([4, 9]))
-    before = tk.result()
-    after = tk.to("cpu").result()
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], equal_nan=True)
+@pytest.mark.parametrize("sync_free", [False, True], ids=["filtered", "dense"])
+def test_scores_and_ties_are_float32(sync_free):
+    """float64 values that round to the same float32 tie: the first location wins."""
+    a = torch.tensor([[[[1.0, 1.0 + 1e-12], [0.5, 1.0 + 2e-12]]]], dtype=torch.float64)
+    tk = TopK(1, 1, fmap_hw=(2, 2))
+    tk._sync_free = sync_free
+    tk.add(a, torch.tensor([3]))
+    res = tk.result()
+    assert res["yx"][0, 0].tolist() == [0, 0] and res["score"][0, 0].item() == 1.0
+
+
+ACCELERATORS = [d for d in ("cuda", "mps") if getattr(torch, d).is_available()]
+
+
+@pytest.mark.skipif(not ACCELERATORS, reason="no accelerator (cuda, mps) on this machine")
+@pytest.mark.parametrize("device", ACCELERATORS)
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_to_an_accelerator_and_back(device, per_image):
+    """Batches on CPU, then on the device (the sync-free path), then on CPU again: brute force."""
+    rng = np.random.default_rng(9)
+    acts = tied_acts(rng, (30, 4, 3, 5), nan=0.05)
+    images = rng.permutation(100)[:30].astype(np.int64)
+    rf = {"rf_size": (3, 3), "rf_stride": (1, 1)}
+    tk = TopK(4, 6, per_image, (3, 5), **rf)
+    parts = np.array_split(np.arange(30), 3)
+    for part, dev in zip(parts, ["cpu", device, "cpu"], strict=True):
+        tk.to(dev)
+        tk.add(torch.from_numpy(acts[part]).to(dev), torch.from_numpy(images[part]).to(dev))
+    with pytest.raises(ValueError, match="call .to"):
+        tk.add(torch.from_numpy(acts[:1]).to(device), torch.from_numpy(images[:1]))
+    assert_same(tk.result(), reference(acts, images, 6, per_image, **rf))
