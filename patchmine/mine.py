@@ -163,25 +163,14 @@ class Labels:
 
 
 def _image_max(acts: torch.Tensor, maps: Maps | None) -> torch.Tensor:
-    """(N, C) each map's maximum, for the class means: NaN values are left out, as TopK leaves
-    them out (a map of NaN only has a NaN maximum); ``maps.max`` where it has it (CPU)."""
+    """(N, C) each map's maximum, for the class means: ``maps.max`` where the caller has it (CPU),
+    NaN values left out as TopK leaves them out; a map of NaN only has a NaN maximum."""
+    if maps is not None:
+        return maps.max.masked_fill(maps.count == 0, float("nan")) if maps.nan else maps.max
     N, C = acts.shape[:2]
-    x = acts.reshape(N, C, -1)
-    if maps is not None and not maps.nan:
-        return maps.max
-    m = maps.max.clone() if maps is not None else x.amax(2).float()
-    bad = torch.isnan(m)  # a NaN in the map (or both infinities: Maps gives NaN for those too)
-    if maps is not None:  # CPU: redo the few bad maps
-        rows = x.reshape(N * C, -1)[bad.view(-1)].float()
-        m[bad] = torch.where(
-            rows.isnan().all(1),
-            float("nan"),
-            rows.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).amax(1),
-        )
-        return m
-    fixed = x.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    fixed = torch.where(x.isnan().all(2), float("nan"), fixed.amax(2))
-    return torch.where(bad, fixed, m)  # elsewhere: no host sync
+    x = acts.reshape(N, C, -1).float()  # elsewhere: without host synchronization
+    m = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).amax(2)
+    return m.masked_fill(x.isnan().all(2), float("nan"))
 
 
 class Miner:
