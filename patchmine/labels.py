@@ -452,16 +452,20 @@ class ClassMeans:
         if self._since_carry + other._since_carry > _NORMALIZE_AT:
             self._carry()
             other = ClassMeans.from_state_dict(other.state_dict(), self.device)
-        self.count += other.count.to(self.device)
+        # out of place: tensors made by `add` under torch.inference_mode cannot be updated in
+        # place outside it (a torchrun merge after the first pass)
+        self.count = self.count + other.count.to(self.device)
         n = other._limbs.shape[0]
         if n:
             self._cover(other._first, other._first + n)
             at = other._first - self._first
-            self._limbs[at : at + n] += other._limbs.to(self.device)
+            limbs = self._limbs.clone()
+            limbs[at : at + n] += other._limbs.to(self.device)
+            self._limbs = limbs
         if other._nonfinite.shape[0]:
             if self._nonfinite.shape[0] == 0:
                 self._nonfinite = torch.zeros_like(other._nonfinite, device=self.device)
-            self._nonfinite += other._nonfinite.to(self.device)
+            self._nonfinite = self._nonfinite + other._nonfinite.to(self.device)
         self._since_carry += other._since_carry
 
     def _canonical(self) -> tuple[int, torch.Tensor]:
