@@ -338,9 +338,9 @@ def cli_results(tmp_path_factory, tiny_model):
     (d / "text.h5").write_text("I am not HDF5\n")
     with h5py.File(d / "plain.h5", "w") as f:
         f["x"] = np.arange(3)
-    shutil.copy(done, d / "v2.h5")
-    with h5py.File(d / "v2.h5", "a") as f:
-        f.attrs["version"] = 2
+    shutil.copy(done, d / "v3.h5")  # a schema version this patchmine does not read
+    with h5py.File(d / "v3.h5", "a") as f:
+        f.attrs["version"] = 3
     ckpt = _make_checkpoint(corpus, d / "res.h5", tiny_model)
     (d / "garbage.h5.ckpt").write_bytes(b"\x80\x04 this is not a checkpoint")
     data = ckpt.read_bytes()
@@ -389,13 +389,13 @@ def cli_results(tmp_path_factory, tiny_model):
         "info: missing": ["info", d / "missing.h5"],
         "info: not HDF5": ["info", d / "text.h5"],
         "info: HDF5, not patchmine": ["info", d / "plain.h5"],
-        "info: schema version 2": ["info", d / "v2.h5"],
+        "info: schema version 3": ["info", d / "v3.h5"],
         "render: not HDF5": ["render", d / "text.h5", "--out", d / "r1"],
         "render: HDF5, not patchmine": ["render", d / "plain.h5", "--out", d / "r2"],
-        "render: schema version 2": ["render", d / "v2.h5", "--out", d / "r3"],
+        "render: schema version 3": ["render", d / "v3.h5", "--out", d / "r3"],
         "merge: not HDF5": ["merge", d / "text.h5", done, "--out", d / "m1.h5"],
         "merge: HDF5, not patchmine": ["merge", d / "plain.h5", done, "--out", d / "m2.h5"],
-        "merge: schema version 2": ["merge", d / "v2.h5", done, "--out", d / "m3.h5"],
+        "merge: schema version 3": ["merge", d / "v3.h5", done, "--out", d / "m3.h5"],
         # these succeed
         "ok: --force overwrites": ["mine", corpus, "--out", d / "again.h5", *base, "--force"],
         "ok: odd file names": ["mine", odd, "--out", d / "odd.h5", *base[:-1]],
@@ -437,13 +437,13 @@ USAGE = {  # case -> words the one line on stderr must hold
     "info: missing": ["no such file", "missing.h5"],
     "info: not HDF5": ["not an HDF5 file", "text.h5"],
     "info: HDF5, not patchmine": ["not a patchmine result file", "plain.h5"],
-    "info: schema version 2": ["schema version 2", "reads version 1"],
+    "info: schema version 3": ["schema version 3", "reads versions 1, 2"],
     "render: not HDF5": ["not an HDF5 file"],
     "render: HDF5, not patchmine": ["not a patchmine result file"],
-    "render: schema version 2": ["schema version 2"],
+    "render: schema version 3": ["schema version 3"],
     "merge: not HDF5": ["not an HDF5 file"],
     "merge: HDF5, not patchmine": ["not a patchmine result file"],
-    "merge: schema version 2": ["schema version 2"],
+    "merge: schema version 3": ["schema version 3"],
 }
 
 
