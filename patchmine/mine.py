@@ -41,6 +41,7 @@ from patchmine.topk import TopK
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
 
 DEFAULT_PATCH_SIZE = 96
+_CLASS_BATCH = 1024  # images whose maxima are added to the class means at once
 
 
 @dataclass
@@ -255,6 +256,10 @@ class Miner:
             for name in (self.layers if self.bottom_k else [])
         }
         self.classes = {}
+        # per-image maxima and labels waiting for the class means: added a few thousand images at
+        # a time (the sums are exact, so when does not matter; the op count does, per batch)
+        self._maxima: dict[str, list[torch.Tensor]] = {}
+        self._labels: list[torch.Tensor] = []
         if labels is not None:
             if len(labels.label) != n:
                 raise ValueError(f"labels for {len(labels.label)} images, the corpus has {n}")
@@ -312,6 +317,7 @@ class Miner:
         if self.bottom:
             out["bottom"] = {n: c.state_dict() for n, c in self.bottom.items()}
         if self.classes:
+            self._add_maxima()
             out["classes"] = {n: c.state_dict() for n, c in self.classes.items()}
         return out
 
@@ -325,6 +331,7 @@ class Miner:
                 self.bottom[n].load_state_dict(state["bottom"][n])
             if self.classes:
                 self.classes[n].load_state_dict(state["classes"][n])
+        self._maxima, self._labels = {}, []
         for key in ("ok", "shape", "transform"):
             getattr(self, key)[:] = np.asarray(state[key])
         self.error = list(state["error"])
@@ -406,7 +413,20 @@ class Miner:
             if self.bottom:
                 self.bottom[n].add(a, index)
             if self.classes:
-                self.classes[n].add(_image_max(a, maps), label)
+                self._maxima.setdefault(n, []).append(_image_max(a, maps))
+        if self.classes:
+            self._labels.append(label)
+            if sum(len(b) for b in self._labels) >= _CLASS_BATCH:
+                self._add_maxima()
+
+    def _add_maxima(self) -> None:
+        """Add the buffered per-image maxima to the class means."""
+        if not self._labels:
+            return
+        label = torch.cat(self._labels)
+        for n, parts in self._maxima.items():
+            self.classes[n].add(torch.cat(parts), label)
+        self._maxima, self._labels = {}, []
 
     def part_state(self) -> dict:
         """This process's share of a multi-process run: collectors, statistics, its span's records."""
@@ -436,6 +456,7 @@ class Miner:
             if self.bottom:
                 self.bottom[n].merge(BottomK.from_state_dict(part["bottom"][n], self.device))
             if self.classes:
+                self._add_maxima()
                 self.classes[n].merge(ClassMeans.from_state_dict(part["classes"][n], self.device))
         self.ok[a:b], self.shape[a:b], self.transform[a:b] = (
             part["ok"],
@@ -491,6 +512,7 @@ class Miner:
         if plan.name in self.channel_names:
             d.attrs["channel_names"] = list(self.channel_names[plan.name])
         if self.classes:
+            self._add_maxima()
             cm = self.classes[plan.name]
             mean, sel = cm.result()
             d.class_mean, d.selectivity = mean.numpy(), sel.numpy()

@@ -81,10 +81,11 @@ def exact_mean(values) -> np.float32:
 # ------------------------------------------------------------------------- against brute force
 @pytest.mark.parametrize("per_image", [1, 2])
 def test_labels_class_means_and_bottom_k_equal_brute_force(
-    tmp_path, labelled, tiny_model, single, per_image
+    tmp_path, labelled, tiny_model, single, per_image, monkeypatch
 ):
     out = single(per_image)
     other = tmp_path / "b2w2.h5"  # another batching and worker count: the same file
+    monkeypatch.setattr("patchmine.mine._CLASS_BATCH", 3)  # maxima added every 2 batches
     mine([labelled], other, **settings(tiny_model, per_image, batch_size=2, workers=2))
     assert_same_file(out, other)
     top, fields = brute_force(tiny_model, LAYERS, 64, labelled, 4, per_image)
