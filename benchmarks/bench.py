@@ -60,7 +60,9 @@ LITE0 = (
         "_relu1",
     ],
 )
-MODELS = {"alexnet": ALEXNET, "lite0": LITE0}
+VIT = ("vit_b_16", "none", [f"encoder.layers.encoder_layer_{i}.add_1" for i in (1, 5, 9)]
+       + ["encoder.ln", "encoder.ln@cls"])  # fmt: skip
+MODELS = {"alexnet": ALEXNET, "lite0": LITE0, "vit_b_16": VIT}
 TARGETS = {"collector": 0.96, "e2e": 0.90, "rss": 1.10, "k100": 1.10}
 
 
@@ -865,7 +867,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"), help="report (markdown)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run on small samples")
     p.add_argument("--sections", default="collector,e2e,scaling,render,e2e-process")
-    p.add_argument("--models", default="alexnet,lite0", help="for the collector section")
+    p.add_argument("--models", default="alexnet,lite0,vit_b_16", help="for the collector section")
     p.add_argument("--e2e-models", default="alexnet,lite0")
     p.add_argument("--scaling-model", default="alexnet")
     p.add_argument("--batch-size", type=int, default=64)

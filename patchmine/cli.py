@@ -24,6 +24,16 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _layer_list(value: str) -> list[str]:
+    """An argparse type: comma-separated layer names, at least one."""
+    names = _csv(value)
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"no layer names in {value!r}; leave --layers out for the default set"
+        )
+    return names
+
+
 def parse_channels(
     spec: str | Iterable[int] | None, channels: int | None = None
 ) -> list[int] | None:
@@ -79,7 +89,20 @@ def _at_least(minimum: int):
 _positive, _nonneg = _at_least(1), _at_least(0)
 
 
-def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+def _fraction(value: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value!r}")
+    return f
+
+
+def _model_args(
+    p: argparse.ArgumentParser, positional: bool = False, weights_help: str | None = None
+) -> None:
     if positional:
         p.add_argument(
             "model", nargs="?", default=None,
@@ -87,34 +110,62 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
         )
     else:
         p.add_argument("--model", "-m", default=None, help="model (default: efficientnet_lite0)")
-    p.add_argument("--weights", "-w", default=None, help="DEFAULT, a weights name, none, or a path")
+    p.add_argument("--weights", "-w", default=None,
+                   help=weights_help or "DEFAULT, a weights name, none, or a path")
     p.add_argument("--input-size", type=_positive, default=224, help="input side S (default 224)")
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from patchmine.models import load_model
-    from patchmine.receptive import receptive_fields
-    from patchmine.taps import node_shapes
+    from patchmine.taps import default_layers, layer_names, module_outputs
+    from patchmine.tokens import minable
 
-    lm = load_model(args.model, args.weights, args.input_size)
-    shapes = node_shapes(lm.module, args.input_size)
-    fields = receptive_fields(lm.module, args.input_size)  # nodes without a field are left out
-    rows = [("node", "output (C,H,W)", "rf size", "stride", "offset")]
-    for name, shape in shapes.items():
-        f = fields.get(name)
-        out = "(" + ",".join(str(s) for s in shape) + ")"
+    # the table is the architecture's: built without weights, whatever --weights says
+    lm = load_model(args.model, "none", args.input_size)
+    found = minable(lm.module, args.input_size)  # nodes without a field are left out
+    shapes, fields = found.shapes, found.fields
+    defaults = set(lm.default_layers or default_layers(shapes))
+    modules = {  # the blocks (modules that hold others) -> their output nodes, in module order
+        m: node
+        for m, node in module_outputs(layer_names(lm.module)).items()
+        if m != node and node in shapes
+    }
+    blocks: dict[str, list[str]] = {}  # node -> the blocks it is the output of
+    for m, node in modules.items():
+        blocks.setdefault(node, []).append(m)
 
-        def pair(v: tuple[int, int]) -> str:
-            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+    def pair(v: tuple[int, int]) -> str:
+        return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
-        if f is None:
-            rows.append((name, out, "none", "-", "-"))
-        elif f.whole:
-            rows.append((name, out, "whole", "-", "-"))
-        else:
-            rows.append((name, out, pair(f.size), pair(f.stride), pair(f.offset)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    print(f"# {lm.name}  weights={lm.weights}  input={args.input_size}x{args.input_size}")
+    def columns(name: str) -> tuple[str, ...]:
+        f = fields[name]
+        out = "(" + ",".join(str(s) for s in shapes[name]) + ")"
+        layout = f.layout
+        if f.grid is not None:
+            layout += f" {f.prefix}+{f.grid[0]}x{f.grid[1]}"
+        elif f.prefix:
+            layout = f"{f.prefix} prefix token" + "s" * (f.prefix > 1)
+        if f.unit is not None and f.whole:
+            layout += f" (token {pair(f.unit.size)}/{pair(f.unit.stride)})"
+        if f.whole:
+            return out, "whole", "-", "-", layout
+        return out, pair(f.size), pair(f.stride), pair(f.offset), layout
+
+    mark = {True: "*", False: ""}
+    head = ("output (C,H,W)", "rf size", "stride", "offset", "layout")
+    if args.modules:
+        rows = [("", "module", "node", *head)]
+        rows += [(mark[node in defaults], m, node, *columns(node)) for m, node in modules.items()]
+    else:
+        rows = [("", "node", *head, "module")]
+        rows += [
+            (mark[name in defaults], name, *columns(name), ", ".join(blocks.get(name, ())))
+            for name in shapes
+        ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"# {lm.name}  input={args.input_size}x{args.input_size}  (architecture only: no weights "
+          "are loaded)")
+    print("# * mined when --layers is not given; a module name means its output node")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
@@ -131,6 +182,7 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    from patchmine.corpus import printable
     from patchmine.mine import mine
 
     try:
@@ -141,6 +193,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
             labels=args.labels, channel_names=args.channel_names, bottom_k=args.bottom_k,
+            min_inside=args.min_inside,
+            jpeg_draft=args.jpeg_draft,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -157,8 +211,18 @@ def cmd_mine(args: argparse.Namespace) -> int:
         print(f"patchmine mine: error: {_oserror(e)}{hint}", file=sys.stderr)
         _exit_if_stuck(e, 1)
         return 1
-    if not args.quiet and not summary.extra.get("rank"):  # under torchrun: rank 0 reports
+    if summary.extra.get("rank"):  # under torchrun: rank 0 reports
+        return 0
+    if not args.quiet:
         print(summary)
+    elif summary.n_failed:  # quiet, but not silent about a partial corpus
+        path, why = summary.failures[0]
+        print(
+            f"patchmine mine: {summary.n_failed} of {summary.n_images} images unreadable, skipped "
+            f"(first: {printable(path)}: {' '.join(printable(why).split())}; "
+            f"`patchmine info {args.out}` lists them)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -201,8 +265,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{r.path}: patchmine result, schema version {a['version']}")
         resize = f" (resize {a['resize']})" if "resize" in a else ""
         print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}{resize}")
+        inside = f"  min_inside={a['min_inside']:g}" if "min_inside" in a else ""
         bottom = "  bottom-k too" if a.get("bottom_k") else ""
-        print(f"  top-k      k={a['k']}  per_image={a['per_image']}{bottom}")
+        print(f"  top-k      k={a['k']}  per_image={a['per_image']}{inside}{bottom}")
         print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
               + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
                           else [a["corpus_roots"]]))
@@ -220,14 +285,19 @@ def cmd_info(args: argparse.Namespace) -> int:
             more = f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
             print(f"  labels     {len(names)} from {a.get('labels', '?')}; images per label: "
                   f"{shown}{more}; {unlabelled} unlabelled")
-        print("  layers")
+        print("  layers     (border: the share of kept entries whose field crosses the input edge)")
         for name in r.layers:
             lr = r.layer(name)
             la = lr.attrs
             fh = "x".join(str(v) for v in la["fmap_hw"])
             rf = "whole input" if la.get("rf_whole") else (
                 f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
-            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px")
+            share = la.get("border_share")  # NaN for a layer without entries
+            edge = "" if share is None or share != share else f"  border {100 * share:.0f}%"
+            node = la.get("node", name)
+            node = f"  (node {node})" if node != name else ""
+            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
+                  f"{edge}{node}")
             for line in _layer_notes(lr, names):
                 print(f"      {line}")
         fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
@@ -321,16 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchmine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("layers", help="list a model's nodes with shapes and receptive fields")
-    _model_args(p, positional=True)
+    p = sub.add_parser("layers", help="list a model's nodes and modules with shapes and "
+                       "receptive fields; * marks the default layers")
+    _model_args(p, positional=True, weights_help="ignored: the table is the architecture's, built "
+                "without weights (no download, no checkpoint read)")
+    p.add_argument("--modules", action="store_true",
+                   help="list the blocks (modules that hold others) with their output nodes")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("mine", help="mine a corpus into an HDF5 result file")
     p.add_argument("corpus", nargs="+", help="image folders and/or text files listing images")
     p.add_argument("--out", "-o", required=True, help="result file (.h5)")
     _model_args(p)
-    p.add_argument("--layers", "-l", type=_csv, default=None,
-                   help="comma-separated node names (default: the last node of each map size)")
+    p.add_argument("--layers", "-l", type=_layer_list, default=None,
+                   help="comma-separated node or module names, as `patchmine layers MODEL` lists "
+                   "them (a module means its output node; default: the model's set, marked there)")
     p.add_argument("-k", type=_positive, default=9, help="entries per channel (default 9)")
     p.add_argument("--per-image", type=_positive, default=1,
                    help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)")
@@ -343,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
     p.add_argument("--patch-size", type=_positive, default=96,
                    help="largest stored patch side; larger fields are resampled (default 96)")
+    p.add_argument("--min-inside", type=_fraction, default=None, metavar="F",
+                   help="only units whose field has at least fraction F (0 < F <= 1) inside the "
+                   "input compete: leaves out border units that padding drives (default: all)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
+                        "(faster; pixels close to, not equal to, a full decode)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
                    help="save progress every N batches (default 50; 0 never)")
@@ -373,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="montages, overviews and an HTML gallery of a result file")
     p.add_argument("file", help="result file (.h5)")
     p.add_argument("--out", "-o", required=True, help="output folder (gets index.html)")
-    p.add_argument("--layers", "-l", type=_csv, default=None, help="comma-separated layer names")
+    p.add_argument("--layers", "-l", type=_layer_list, default=None,
+                   help="comma-separated layer names")
     p.add_argument("--channels", "-c", default=None, help="e.g. 0,5,9-20 (default: all)")
     p.add_argument("--overlay", choices=("heat", "mask", "none"), default="heat",
                    help="activation overlay on the patches (default heat)")

@@ -147,21 +147,37 @@ def discover(sources: Sequence[str | os.PathLike]) -> Corpus:
     return Corpus(tuple(roots), tuple(paths), tuple(index))
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
     """Decode any image to 8-bit RGB, EXIF orientation applied.
 
     Palette and alpha images are composited over white; 16- and 32-bit grayscale is scaled to 8 bits;
     animated images give their first frame. Raises on any decoding problem (the caller records it),
     on anything but a regular file (a FIFO would block), and on images over Pillow's
     ``MAX_IMAGE_PIXELS`` (decompression bombs).
+
+    ``draft``: decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, much cheaper) as long
+    as both sides stay at least ``draft`` pixels; other formats are decoded in full.
     """
+    return _decode(path, draft)[0]
+
+
+def _decode(path: str | os.PathLike, draft: int | None = None) -> tuple[Image.Image, int, tuple]:
+    """`load_rgb`, and the draft's reduction factor and the full (height, width) of the image."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
         raise OSError(f"not a regular file: {os.fsdecode(path)}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            full = im.size
+            reduced = 1
+            if draft and im.format == "JPEG":
+                im.draft(im.mode, (draft, draft))
+                reduced = im.decoderconfig[0] if im.decoderconfig else 1
             im.load()
+            turned = im.size
             im = ImageOps.exif_transpose(im)
+    if im.size != turned:  # turned a quarter: the full size turns too
+        full = full[::-1]
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I") and a.max(initial=0) > 255 else 255.0
@@ -174,7 +190,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
+    return im.convert("RGB"), reduced, (full[1], full[0])
 
 
 def resized_size(h: int, w: int, resize: int) -> tuple[int, int]:
@@ -201,7 +217,10 @@ _WHOLE_RESIZE_PIXELS = 1 << 24
 
 
 def preprocess(
-    image: Image.Image, size: int, resize: int | None = None
+    image: Image.Image,
+    size: int,
+    resize: int | None = None,
+    full: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a PIL image, pixel for pixel.
 
@@ -209,7 +228,9 @@ def preprocess(
     shrinking), the longer to ``int(resize * long / short)``, then the ``size`` x ``size`` center is
     cut at ``round((n - size) / 2)``, zero-padded where the resized image is smaller. An image whose
     size the resize leaves unchanged (a ``size`` x ``size`` one with ``resize == size``) is only
-    cropped: it passes through pixel-exact.
+    cropped: it passes through pixel-exact. ``full``: the (height, width) of the image that
+    ``image`` is a reduced decode of (a JPEG draft); sizes and the transform are those of the full
+    image, only the pixels come from the reduced one.
 
     Returns:
         pixels: (size, size, 3) uint8.
@@ -221,11 +242,13 @@ def preprocess(
     if r < 1 or size < 1:
         raise ValueError(f"sizes must be positive, got size={size} resize={resize}")
     w, h = image.size
+    if full is not None:
+        h, w = full
     nh, nw = resized_size(h, w, r)
     top, left = _crop_start(nh, size), _crop_start(nw, size)
     transform = (nh / h, float(top), float(left), nw / w)
     box = (left, top, left + size, top + size)
-    if (nh, nw) == (h, w):
+    if (nh, nw) == (image.height, image.width):
         out = image.crop(box)  # Pillow fills outside the image with zeros, as torchvision pads
     elif nh * nw <= _WHOLE_RESIZE_PIXELS:
         out = image.resize((nw, nh), Image.Resampling.BILINEAR).crop(box)
@@ -264,10 +287,12 @@ class CorpusDataset(Dataset):
         size: int,
         indices: Sequence[int] | None = None,
         resize: int | None = None,
+        jpeg_draft: bool = False,
     ):
         self.corpus = corpus
         self.size = size
         self.resize = size if resize is None else resize
+        self.draft = self.resize if jpeg_draft else None  # see load_rgb
         self.indices = list(range(len(corpus))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -277,9 +302,8 @@ class CorpusDataset(Dataset):
         i = self.indices[item]
         s = self.size
         try:
-            img = load_rgb(self.corpus.file(i))
-            shape = (img.height, img.width)
-            pixels, transform = preprocess(img, s, self.resize)
+            img, _, shape = _decode(self.corpus.file(i), self.draft)
+            pixels, transform = preprocess(img, s, self.resize, full=shape)
             return {
                 "index": i,
                 "pixels": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),

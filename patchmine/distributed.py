@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from patchmine.errors import UsageError
-from patchmine.patches import LayerPlan
+from patchmine.patches import LayerPlan, Scratch
 
 __all__ = ["Team", "launched", "from_env"]
 
@@ -122,7 +122,7 @@ class Team:
             for p in plans
         ]
 
-    def collect(self, own: list[LayerPlan], cut: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def collect(self, own: list[LayerPlan], cut: dict[str, tuple[Scratch, Scratch]]) -> None:
         """Gather every rank's patches and heat maps into rank 0's arrays ``cut`` (in place).
 
         Args:
@@ -133,22 +133,20 @@ class Team:
         for p in own:
             patch, heat = cut[p.key]
             n = p.image.size
-            flat_patch = patch.reshape(n, *patch.shape[2:])
-            flat_heat = heat.reshape(n, *heat.shape[2:])
-            per_entry = flat_patch[0].nbytes + flat_heat[0].nbytes if n else 1
-            step = max(1, _CHUNK_BYTES // max(1, per_entry))
+            per_entry = (np.prod(patch.shape[2:]) + 2 * np.prod(heat.shape[2:])) if n else 1
+            step = max(1, _CHUNK_BYTES // max(1, int(per_entry)))
             entries = np.flatnonzero(p.image.reshape(-1) >= 0)
             for lo in range(0, n, step):  # the same number of rounds on every rank
                 e = entries[(entries >= lo) & (entries < lo + step)]
                 got = [None] * self.world if self.leader else None
-                payload = None if self.leader else (e, flat_patch[e], flat_heat[e])
+                payload = None if self.leader else (e, patch.take(e), heat.take(e))
                 dist.gather_object(payload, got, dst=0, group=self.group)
                 if self.leader:
                     for item in got[1:]:
                         idx, pa, he = item
                         if len(idx):
-                            flat_patch[idx] = pa
-                            flat_heat[idx] = he
+                            patch.put(idx, pa)
+                            heat.put(idx, he)
 
 
 def _destroy() -> None:

@@ -10,9 +10,9 @@ box, patch and heat map copied from its shard (no image is read, no model run), 
 merged from the files' ``stats/state`` accumulators. With ``--bottom-k`` the ``bottom/`` entries are
 merged the same way (``BottomK.merge``: score ascending); with ``--labels`` the class means from the
 exact ``class_state/`` accumulators (``ClassMeans.merge``), so they too equal a single run's, bit for
-bit. Files that do not belong together (model, weights, layers, k, per-image, preprocessing, corpus,
-labels, bottom-k), an incomplete or overlapping set of shards and files that are not patchmine
-results are refused with a UsageError naming the difference.
+bit. Files that do not belong together (model, weights, layers, k, per-image, --min-inside,
+preprocessing, corpus, labels, bottom-k), an incomplete or overlapping set of shards and files that
+are not patchmine results are refused with a UsageError naming the difference.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from patchmine import store
 from patchmine.bottomk import BottomK
 from patchmine.errors import UsageError, differences
 from patchmine.labels import ClassMeans
+from patchmine.receptive import Field
 from patchmine.stats import RunningStats
 from patchmine.topk import TopK, entry_key
 
 __all__ = ["merge"]
 
+# Layer attributes computed from a file's own entries (recomputed when the merged file is written).
+_OWN = ("border_share",)
 # Root attributes that every shard of one run shares (what the run computed, and over what).
 _SAME = [
     ("model", "model"),
@@ -41,10 +44,12 @@ _SAME = [
     ("layer_order", "layers"),
     ("k", "k"),
     ("per_image", "per-image"),
+    ("min_inside", "--min-inside"),
     ("input_size", "input size"),
     ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
     ("std", "preprocessing (std)"),
+    ("jpeg_draft", "JPEG draft decoding"),
     ("n_corpus", "corpus size"),
     ("corpus_fingerprint", "corpus (file list)"),
     ("corpus_roots", "corpus roots"),
@@ -71,13 +76,15 @@ def _check(results: list[store.Result]) -> list[store.Result]:
         if diff:
             key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
+            if key == "min_inside":  # absent: the option was off
+                a, b = ("off" if v is None else v for v in (a, b))
             raise UsageError(
                 f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
                 f"({_short(a)} vs {_short(b)})"
             )
         for name in first.layers:
             la, lb = first.layer(name).attrs, r.layer(name).attrs
-            diff = differences(lb, la)
+            diff = differences(lb, la, [key for key in la if key not in _OWN])
             if diff:
                 raise UsageError(
                     f"cannot merge {r.path} with {first.path}: layer {name} differs in "
@@ -165,7 +172,8 @@ def _merge_entries(
     C, k = first.score.shape
     H, W = (int(v) for v in a["fmap_hw"])
     kind = BottomK if bottom else TopK
-    merged = kind(C, k, per_image, (H, W), a["rf_size"], a["rf_stride"])
+    nms = Field.from_attrs(a).suppression  # a whole-field token's own patch
+    merged = kind(C, k, per_image, (H, W), nms.size, nms.stride)
     keys = []
     for lr, start in zip(layers, starts, strict=True):
         image = np.where(lr.image >= 0, lr.image + start, -1)
@@ -177,8 +185,8 @@ def _merge_entries(
                 lr.yx,
                 per_image=per_image,
                 fmap_hw=(H, W),
-                rf_size=a["rf_size"],
-                rf_stride=a["rf_stride"],
+                rf_size=nms.size,
+                rf_stride=nms.stride,
             )
         )
     res = {key: v.numpy() for key, v in merged.result().items()}
@@ -262,7 +270,7 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
             stats.merge(rs)
     state = stats.state_dict()
     out = store.LayerData(
-        attrs=dict(a),
+        attrs={key: v for key, v in a.items() if key not in _OWN},
         **top,
         stats={key: v.cpu().numpy() for key, v in stats.result().items()},
         stats_state={key: v.numpy() for key, v in state.items() if isinstance(v, torch.Tensor)},
@@ -290,11 +298,12 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
 
     Raises:
         UsageError: a file is missing or not a patchmine result; files that differ in model,
-            weights, layers, k, per-image, preprocessing or corpus; missing or repeated shards.
+            weights, layers, k, per-image, min-inside, preprocessing or corpus; missing or
+            repeated shards.
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")
-    out = store.check_writable(out, force=force)
+    out = store.check_writable(out, force=force, resumable=False)
     for p in paths:
         if Path(p).resolve() == out.resolve():
             raise UsageError(f"the output {out} is also an input: write the merge elsewhere")

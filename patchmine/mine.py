@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from patchmine.labels import ClassMeans, assign_labels, layer_channel_names
 from patchmine.maps import Maps, reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, second_pass
+from patchmine.receptive import inside_fraction
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
@@ -202,9 +204,12 @@ class Miner:
         labels: Labels | None = None,
         channel_names: str | os.PathLike | None = None,
         bottom_k: bool = False,
+        min_inside: float | None = None,
+        jpeg_draft: bool = False,
     ):
         self.corpus = corpus
         self.labels, self.bottom_k = labels, bool(bottom_k)
+        self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
         self.resize = input_size if resize is None else resize
@@ -226,9 +231,11 @@ class Miner:
         self.model = load_model(model, weights, input_size)
         chosen = select_layers(self.model.module, input_size, layers, self.model.default_layers)
         self.layers, self.shapes, self.fields = chosen.names, chosen.shapes, chosen.fields
+        self.nodes = chosen.nodes  # a module name -> the node it means
         self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
-        self.tap = Tap(self.model.module, self.layers, self.model.mean, self.model.std)
+        lm = self.model
+        self.tap = Tap(lm.module, self.layers, lm.mean, lm.std, chosen.views)
         self.tap.to(self.device).eval()
         self.topk = {
             name: TopK(
@@ -236,8 +243,8 @@ class Miner:
                 k,
                 per_image,
                 self.fmap_hw(name),
-                self.fields[name].size,
-                self.fields[name].stride,
+                self.fields[name].suppression.size,
+                self.fields[name].suppression.stride,
                 device=self.device,
             )
             for name in self.layers
@@ -249,8 +256,8 @@ class Miner:
                 k,
                 per_image,
                 self.fmap_hw(name),
-                self.fields[name].size,
-                self.fields[name].stride,
+                self.fields[name].suppression.size,
+                self.fields[name].suppression.stride,
                 device=self.device,
             )
             for name in (self.layers if self.bottom_k else [])
@@ -272,10 +279,31 @@ class Miner:
         self.channel_names = layer_channel_names(
             self.model, {name: self.shapes[name][0] for name in self.layers}, channel_names
         )
+        self.min_inside = _fraction(min_inside)
+        self.barred = self._barred()
         self.ok = np.zeros(n, dtype=bool)
         self.shape = np.zeros((n, 2), dtype=np.int32)
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
+
+    def _barred(self) -> dict[str, torch.Tensor]:
+        """node -> (H, W) bool, true where a unit's box has less than ``min_inside`` inside the
+        input (such units never compete for the top-k); only nodes that have such units."""
+        if self.min_inside is None:
+            return {}
+        out = {}
+        side = (self.input_size, self.input_size)
+        for n in self.layers:
+            frac = inside_fraction(self.fields[n], self.fmap_hw(n), side)
+            barred = frac < self.min_inside
+            if barred.all():
+                raise UsageError(
+                    f"--min-inside {self.min_inside:g} leaves no unit of layer {n} (at most "
+                    f"{frac.max():.2f} of its fields lies inside the input); lower it"
+                )
+            if barred.any():
+                out[n] = torch.from_numpy(barred).to(self.device)
+        return out
 
     @property
     def meta(self) -> dict:
@@ -289,6 +317,8 @@ class Miner:
             "per_image": self.per_image,
             "input_size": self.input_size,
             "resize": self.resize,
+            "min_inside": self.min_inside,
+            "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
@@ -356,7 +386,11 @@ class Miner:
         dev = self.device
         loader = make_loader(
             CorpusDataset(
-                self.corpus, self.input_size, range(self.cursor, self.span.stop), self.resize
+                self.corpus,
+                self.input_size,
+                range(self.cursor, self.span.stop),
+                self.resize,
+                self.jpeg_draft,
             ),
             batch_size,
             workers,
@@ -408,10 +442,14 @@ class Miner:
             maps = None  # elsewhere the collectors reduce without host syncs
             if self.device.type == "cpu":
                 maps = reduce_maps(a, sample=self.stats[n].sample)
-            self.topk[n].add(a, index, maps)
+            barred = self.barred.get(n)
+            if barred is None:
+                self.topk[n].add(a, index, maps)
+            else:  # --min-inside: barred units can never win (statistics still see them)
+                self.topk[n].add(a.masked_fill(barred, float("-inf")), index)
             self.stats[n].add(a, maps)
-            if self.bottom:
-                self.bottom[n].add(a, index)
+            if self.bottom:  # --min-inside bars units from the bottom-k as well
+                self.bottom[n].add(a if barred is None else a.masked_fill(barred, math.inf), index)
             if self.classes:
                 self._maxima.setdefault(n, []).append(_image_max(a, maps))
         if self.classes:
@@ -492,7 +530,7 @@ class Miner:
         ``bottom``: the layer's bottom-k plan with its patches and heat maps (``--bottom-k``).
         """
         st = self.stats[plan.name]
-        d = store.layer_data(
+        data = store.layer_data(
             plan,
             patch,
             heat,
@@ -506,18 +544,19 @@ class Miner:
             start=self.start,
         )
         if bottom is not None:
-            d.bottom = store.layer_data(
+            data.bottom = store.layer_data(
                 *bottom, stats={}, stats_state={}, transform=self.transform, start=self.start
             )
         if plan.name in self.channel_names:
-            d.attrs["channel_names"] = list(self.channel_names[plan.name])
+            data.attrs["channel_names"] = list(self.channel_names[plan.name])
         if self.classes:
             self._add_maxima()
             cm = self.classes[plan.name]
             mean, sel = cm.result()
-            d.class_mean, d.selectivity = mean.numpy(), sel.numpy()
-            d.class_state = store.class_state_arrays(cm.state_dict())
-        return d
+            data.class_mean, data.selectivity = mean.numpy(), sel.numpy()
+            data.class_state = store.class_state_arrays(cm.state_dict())
+        data.attrs["node"] = self.nodes.get(plan.name, plan.name)
+        return data
 
     def write(self, out: Path, layers: dict[str, store.LayerData], should_stop) -> None:
         """Write the result file of this slice (``start:stop``) atomically."""
@@ -528,11 +567,13 @@ class Miner:
             layers=self.layers,
             input_size=self.input_size,
             resize=self.resize,
+            jpeg_draft=self.jpeg_draft,
             k=self.k,
             per_image=self.per_image,
             rows=rows,
             n_failed=int((~self.ok[rows.start : rows.stop]).sum()),
             shard=self.shard,
+            min_inside=self.min_inside,
         )
         attrs["bottom_k"] = self.bottom_k
         records = {
@@ -590,6 +631,7 @@ class Miner:
                 progress,
                 should_stop,
                 resize=self.resize,
+                jpeg_draft=self.jpeg_draft,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -622,10 +664,40 @@ class Miner:
         )
 
 
+def _fraction(value: float | None) -> float | None:
+    """``--min-inside``: None (off) or a number in (0, 1]."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"min-inside must be a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise UsageError(f"min-inside must be in (0, 1] (a share of the field), got {value!r}")
+    return f
+
+
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
     if not (count >= 1 and 0 <= i < count):
         raise UsageError(f"shard must be I/N with 0 <= I < N, got {i}/{count}")
     return i * n // count, (i + 1) * n // count
+
+
+def _check_some_readable(miner: Miner, ckpt: Path) -> None:
+    """Refuse a corpus of which no image could be decoded (no file is written, the checkpoint goes).
+
+    A shard (or a torchrun rank) may hold only unreadable files of a corpus that has good ones:
+    those are not refused.
+    """
+    if miner.ok[miner.start : miner.stop].any():
+        return
+    ckpt.unlink(missing_ok=True)
+    rows = range(miner.start, miner.stop)
+    first = next((j for j in rows if miner.error[j]), miner.start)
+    raise UsageError(
+        f"no image could be read: all {len(rows)} files of the corpus failed; the first, "
+        f"{printable(miner.corpus.paths[first])}: {' '.join(printable(miner.error[first]).split())}"
+    )
 
 
 def mine(
@@ -652,6 +724,8 @@ def mine(
     labels: str | os.PathLike | None = None,
     channel_names: str | os.PathLike | None = None,
     bottom_k: bool = False,
+    min_inside: float | None = None,
+    jpeg_draft: bool = False,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -659,7 +733,8 @@ def mine(
         sources: image folders and/or text files listing images.
         out: the result file (HDF5, schema version 2), written atomically.
         model, weights: see :func:`patchmine.models.load_model` (default: embedded EfficientNet-Lite0).
-        layers: node names (``patchmine layers MODEL``); default: the last node of each map size.
+        layers: node or module names (``patchmine layers MODEL``); ``None``: the model's default
+            set (an empty list is refused).
         k: entries kept per channel. per_image: entries one image may contribute per channel.
         input_size: images are resized (shorter side) and center-cropped to this square.
         resize: the shorter side before the center crop (default ``input_size``), as torchvision's
@@ -678,6 +753,11 @@ def mine(
             the labels and, per layer, ``class_mean`` and ``selectivity``.
         channel_names: a file of channel names, one per line, for layers with as many channels.
         bottom_k: also keep each channel's k most negative activations (``bottom/``).
+        min_inside: only units whose field box has at least this fraction (0 < F <= 1) inside
+            the input compete (`patchmine.receptive.inside_fraction`); None: every unit.
+        jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
+            decode. Recorded as the root attribute ``jpeg_draft``.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -693,7 +773,7 @@ def mine(
             raise UsageError(f"{what} must be at least 1, got {v}")
     if resize is not None and resize < 1:
         raise UsageError(f"resize must be at least 1, got {resize}")
-    out = store.check_writable(out, force=force, resume=resume)
+    out = store.check_writable(out, force=force, resume=resume, create=True)
     team = distributed.from_env(device)  # under torchrun: one rank of several
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
     progress = progress and (team is None or team.leader)
@@ -721,6 +801,8 @@ def mine(
         labels=labelled,
         channel_names=channel_names,
         bottom_k=bottom_k,
+        min_inside=min_inside,
+        jpeg_draft=jpeg_draft,
     )
     if ckpt.exists() and force:
         ckpt.unlink()
@@ -732,6 +814,7 @@ def mine(
     if resume and ckpt.exists():
         miner.load_state_dict(store.load_checkpoint(ckpt), source=str(ckpt))
     resumed_from = miner.cursor if miner.cursor > miner.span.start else 0
+    out.parent.mkdir(parents=True, exist_ok=True)  # as `run` does; checked by check_writable
 
     def save() -> None:
         store.save_checkpoint(ckpt, miner.state_dict())
@@ -743,6 +826,8 @@ def mine(
             save()
         if team is not None:
             team.combine(miner)  # rank 0 now holds every rank's first pass
+        elif shard is None:
+            _check_some_readable(miner, ckpt)
         first_s = time.perf_counter() - t1
         summary = miner.finish(out, batch_size, workers, progress, stop_flag, team)
     if team is not None:

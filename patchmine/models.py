@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,31 +86,85 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
         raise UsageError(f"checkpoint {path} does not fit the model: {' '.join(first[:3])}") from e
 
 
+def _failure(e: BaseException, spec: str, files: list[Path], when: str) -> UsageError:
+    """One line for a user's model code that failed: the file and line, the exception."""
+    mine = {f.resolve() for f in files}
+    line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else None
+    where = Path(e.filename) if isinstance(e, SyntaxError) and e.filename else None
+    if line is None:  # the deepest frame in the user's own file, else the deepest one
+        frames = traceback.extract_tb(e.__traceback__)
+        own = [f for f in frames if Path(f.filename).resolve() in mine] or frames[-1:]
+        if own:
+            where, line = Path(own[-1].filename), own[-1].lineno
+    at = f"{where}:{line}" if where is not None else spec
+    what = "syntax error" if isinstance(e, SyntaxError) else type(e).__name__
+    text = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+    return UsageError(f"{at}: {what} {when} (model {spec}): {text}")
+
+
+def _callables(path: Path) -> list[str]:
+    """The public functions and classes a Python file defines (read, not run)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError, OSError):
+        return []
+    kinds = (ast.FunctionDef, ast.ClassDef)
+    return [n.name for n in tree.body if isinstance(n, kinds) and not n.name.startswith("_")]
+
+
 def _custom(spec: str) -> nn.Module:
     target, _, attr = spec.rpartition(":")
+    files: list[Path] = []
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():
             raise UsageError(f"model file not found: {target} (from --model {spec})")
+        files.append(path)
         mod_name = f"patchmine_custom_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         mod = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = mod
-        module_spec.loader.exec_module(mod)
+        try:
+            module_spec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - the user's code: any error, one line
+            del sys.modules[mod_name]
+            raise _failure(e, spec, files, "on import") from e
     else:
         try:
             mod = importlib.import_module(target)
         except ImportError as e:
             raise UsageError(f"cannot import {target} (from --model {spec}): {e}") from e
+        except Exception as e:  # noqa: BLE001
+            raise _failure(e, spec, files, "on import") from e
+        if getattr(mod, "__file__", None):
+            files.append(Path(mod.__file__))
     factory = getattr(mod, attr, None)
     if not callable(factory):
         names = [n for n in dir(mod) if callable(getattr(mod, n)) and not n.startswith("_")]
         hint = ", ".join(nearest(attr, names)) or "none"
         raise UnknownNameError(f"{target} has no callable {attr!r}; nearest: {hint}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001
+        raise _failure(e, spec, files, f"in {attr}()") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _no_factory(name: str) -> UsageError:
+    """A model file named without ``:factory``."""
+    path = Path(name)
+    if not path.is_file():
+        return UsageError(f"model file not found: {name}")
+    found = _callables(path)
+    listed = f" (it defines {', '.join(found[:8])})" if found else ""
+    return UsageError(
+        f"model {name} names no factory: add the function that builds the model, as "
+        f"{name}:FACTORY{listed}"
+    )
 
 
 def _torchvision(name: str, weights: str | None) -> tuple[nn.Module, str, tuple, tuple]:
@@ -185,6 +240,8 @@ def _load(name: str, weights: str | None, input_size: int) -> LoadedModel:
         std = tuple(getattr(module, "std", std))
     elif name in torchvision.models.list_models(module=torchvision.models):
         module, wname, mean, std = _torchvision(name, weights)
+    elif name.endswith(".py") or "/" in name:
+        raise _no_factory(name)
     else:
         hint = ", ".join(nearest(name, model_names())) or "see `patchmine layers --help`"
         raise UnknownNameError(

@@ -1,15 +1,16 @@
 """The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores.
 
-Public names: LayerPlan, cut_patches, second_pass.
+Public names: LayerPlan, Scratch, ScoreMismatch, cut_patches, second_pass.
 
 Its cost follows the number of distinct winner images, not the corpus. Patches and heat maps go
-straight into memory-mapped scratch arrays in their final (C, k, ...) layout, so memory stays bounded
-by one batch however large a layer is.
+straight into scratch arrays in their final (C, k, ...) layout, files written with ``pwrite`` when
+large, so memory stays bounded by one batch however large a layer is.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from patchmine.corpus import Corpus, CorpusDataset, make_loader
 from patchmine.receptive import Field, boxes
 
-__all__ = ["LayerPlan", "ScoreMismatch", "cut_patches", "second_pass"]
+__all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass"]
 
 
 class ScoreMismatch(RuntimeError):
@@ -48,6 +48,35 @@ class LayerPlan:
         return f"{self.name}/bottom" if self.bottom else self.name
 
 
+def _windows(
+    images: torch.Tensor, which: np.ndarray, y0: np.ndarray, x0: np.ndarray, size, fill
+) -> torch.Tensor:
+    """(M, h, w, 3) windows of (U, H, W, 3) ``images`` at top-left (y0, x0), ``fill`` outside.
+
+    One gather: each image is padded once by the window size (so a window running off any edge,
+    even entirely, reads padding), and the windows are taken from a strided view of the padding
+    whose rows are contiguous (each window row is one block copy).
+    """
+    h, w = size
+    u, ih, iw, _ = images.shape
+    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=torch.uint8)
+    big[:, h : h + ih, w : w + iw].copy_(images)  # one pass, also from a (B, 3, S, S) layout
+    padded = big.numpy()
+    row = np.tile(np.asarray(fill, np.uint8), iw + 2 * w)  # the border, as whole byte rows
+    rows = padded.reshape(u, ih + 2 * h, -1)
+    rows[:, :h] = row
+    rows[:, h + ih :] = row
+    rows[:, h : h + ih, : 3 * w] = row[: 3 * w]
+    rows[:, h : h + ih, 3 * (w + iw) :] = row[: 3 * w]
+    b, r, c, _ = padded.strides
+    view = np.lib.stride_tricks.as_strided(
+        padded, (u, ih + h + 1, iw + w + 1, h, w * 3), (b, r, c, r, 1), writeable=False
+    )
+    ys = np.clip(y0, -h, ih).astype(np.intp) + h
+    xs = np.clip(x0, -w, iw).astype(np.intp) + w
+    return torch.from_numpy(view[which, ys, xs].reshape(-1, h, w, 3))
+
+
 def cut_patches(
     pixels: torch.Tensor,
     rows: np.ndarray,
@@ -70,44 +99,101 @@ def cut_patches(
         memory and time follow P, not the box.
     """
     s = pixels.shape[-1]
-    m = len(rows)
     h, w = int(box[0, 2] - box[0, 0]), int(box[0, 3] - box[0, 1])
-    color = torch.tensor(fill, dtype=torch.uint8, device=pixels.device).view(3, 1, 1)
-    if h <= patch_size and w <= patch_size:
-        out = color.expand(m, 3, h, w).clone()
-        for i, (r, (y0, x0, y1, x1)) in enumerate(zip(rows.tolist(), box.tolist(), strict=True)):
-            sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, s), min(x1, s)
-            if sy1 > sy0 and sx1 > sx0:
-                out[i, :, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[r, :, sy0:sy1, sx0:sx1]
-        return out.permute(0, 2, 3, 1)
-    fy, fx = patch_size / h, patch_size / w
     used, where = np.unique(rows, return_inverse=True)
+    which = where.reshape(-1)
+    images = pixels[torch.from_numpy(used)].cpu()
+    y0, x0 = box[:, 0].astype(np.int64), box[:, 1].astype(np.int64)
+    if h <= patch_size and w <= patch_size:
+        return _windows(images.permute(0, 2, 3, 1), which, y0, x0, (h, w), fill)
+    fy, fx = patch_size / h, patch_size / w
     small = F.interpolate(
-        pixels[torch.from_numpy(used)].float(),
+        images.float(),
         size=(max(1, round(s * fy)), max(1, round(s * fx))),
         mode="bilinear",
         antialias=True,
         align_corners=False,
     )
-    small = small.round_().clamp_(0, 255).to(torch.uint8)
-    sh, sw = small.shape[-2:]
-    out = color.expand(m, 3, patch_size, patch_size).clone()
-    for i, (u, y0, x0) in enumerate(
-        zip(where.tolist(), box[:, 0].tolist(), box[:, 1].tolist(), strict=True)
-    ):
-        py, px = round(-y0 * fy), round(-x0 * fx)  # the image's top-left corner in the patch
-        ty0, tx0 = max(py, 0), max(px, 0)
-        ty1, tx1 = min(py + sh, patch_size), min(px + sw, patch_size)
-        if ty1 > ty0 and tx1 > tx0:
-            out[i, :, ty0:ty1, tx0:tx1] = small[u, :, ty0 - py : ty1 - py, tx0 - px : tx1 - px]
-    return out.permute(0, 2, 3, 1)
+    small = small.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    # the image's top-left corner sits at (round(-y0 * fy), round(-x0 * fx)) in the patch
+    py, px = np.round(-y0 * fy).astype(np.int64), np.round(-x0 * fx).astype(np.int64)
+    return _windows(small, which, -py, -px, (patch_size, patch_size), fill)
+
+
+class Scratch:
+    """A (C, k, ...) array filled entry by entry in any order and read back one channel at a time.
+
+    Small ones live in memory; larger ones in a raw file in the final layout, written with
+    ``pwrite`` and read with ``pread``, so that the page cache, not this process, holds them (a
+    memory map would count every page it touched in the process's resident memory).
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype, in_memory: int = 64 << 20):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._entry = self.shape[2:]
+        self._nbytes = int(np.prod(self._entry, dtype=np.int64)) * self.dtype.itemsize
+        total = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self._array: np.ndarray | None = None
+        self._fd = -1
+        if total <= in_memory:
+            self._array = np.zeros(self.shape, self.dtype)
+        else:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            self._closer = weakref.finalize(self, os.close, self._fd)
+            os.ftruncate(self._fd, total)  # sparse: unwritten entries read as zeros
+
+    def put(self, entries: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (M, ...) at flat entries (c * k + slot) ``entries`` (M,)."""
+        if self._array is not None:
+            self._array.reshape(-1, *self._entry)[entries] = values
+            return
+        values = np.ascontiguousarray(values, self.dtype).reshape(len(entries), -1)
+        e = np.asarray(entries, np.int64)
+        breaks = np.flatnonzero(np.diff(e) != 1) + 1  # runs of consecutive entries: one write
+        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(e)], strict=True):
+            if hi > lo:
+                _pwrite_all(self._fd, values[lo:hi], int(e[lo]) * self._nbytes)
+
+    def take(self, entries: np.ndarray) -> np.ndarray:
+        """The values at flat entries ``entries`` (M,), as (M, ...)."""
+        if self._array is not None:
+            return self._array.reshape(-1, *self._entry)[entries]
+        out = np.empty((len(entries), *self._entry), self.dtype)
+        for i, e in enumerate(np.asarray(entries, np.int64).tolist()):
+            _pread_into(self._fd, out[i], e * self._nbytes)
+        return out
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        """Channel ``c``: (k, ...)."""
+        if self._array is not None:
+            return self._array[c]
+        out = np.empty(self.shape[1:], self.dtype)
+        _pread_into(self._fd, out, int(c) * self.shape[1] * self._nbytes)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._closer()
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out).cast("B")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"scratch file ended early at byte {offset}")
+        view, offset = view[n:], offset + n
 
 
 _CHUNK = 1024  # patches cut at a time
-
-
-def _scratch(folder: Path, name: str, shape: tuple, dtype) -> np.ndarray:
-    return np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
 
 
 @torch.inference_mode()
@@ -125,19 +211,20 @@ def second_pass(
     should_stop: Callable[[], bool] = lambda: False,
     atol: float = 1e-4,
     resize: int | None = None,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    jpeg_draft: bool = False,
+) -> dict[str, tuple[Scratch, Scratch]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
 
     Returns:
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
-        heat (C, k, H, W) float16), memory-mapped in ``scratch``. P' is the patch size, or the box
-        size when the box is smaller. Every winner image of every plan (bottom-k ones included)
-        is re-forwarded once, and every entry's score verified.
+        heat (C, k, H, W) float16) as :class:`Scratch` arrays (files in ``scratch`` when large).
+        P' is the patch size, or the box size when the box is smaller. Every winner image of every
+        plan (bottom-k ones included) is re-forwarded once, and every entry's score verified.
     """
     device = torch.device(device)
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[str, tuple[Scratch, Scratch]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     winners: set[int] = set()
     for p in plans:
@@ -145,12 +232,14 @@ def second_pass(
         rh, rw = p.field.size
         ph, pw = (p.patch_size, p.patch_size) if max(rh, rw) > p.patch_size else (rh, rw)
         safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
-        patch = _scratch(scratch, f"{safe}.patch.npy", (c, k, ph, pw, 3), np.uint8)
-        heat = _scratch(scratch, f"{safe}.heat.npy", (c, k, *p.fmap_hw), np.float16)
-        unused = np.argwhere(p.image < 0)
-        patch[unused[:, 0], unused[:, 1]] = np.asarray(fill, dtype=np.uint8)  # empty slots: fill
-        out[p.key] = (patch, heat)
+        patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
+        heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         flat = p.image.reshape(-1)
+        unused = np.flatnonzero(flat < 0)
+        if len(unused):  # empty slots: fill
+            color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
+            patch.put(unused, color)
+        out[p.key] = (patch, heat)
         entries = np.flatnonzero(flat >= 0)
         order = entries[np.argsort(flat[entries], kind="stable")]
         owners[p.key] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
@@ -159,7 +248,7 @@ def second_pass(
     if not ids:
         return out
     loader = make_loader(
-        CorpusDataset(corpus, input_size, ids, resize),
+        CorpusDataset(corpus, input_size, ids, resize, jpeg_draft),
         batch_size,
         workers,
         pin_memory=device.type == "cuda",
@@ -176,7 +265,7 @@ def second_pass(
             e = entry[lo:hi]
             row = np.searchsorted(index, img_sorted[lo:hi])  # position in the batch
             k = p.score.shape[1]
-            ch, slot = e // k, e % k
+            ch = e // k
             a = acts[p.name]
             a = a.reshape(a.shape[0], a.shape[1], *p.fmap_hw)
             yx = p.yx.reshape(-1, 2)[e]
@@ -191,13 +280,15 @@ def second_pass(
                     f"now gives {got[j]:.6g}, the first pass gave {want[j]:.6g}; the file changed "
                     "or the model is not deterministic"
                 )
-            heat, patch = out[p.key][1], out[p.key][0]
-            heat[ch, slot] = a[row, ch].to(torch.float16).cpu().numpy()
+            patch, heat = out[p.key]
+            heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
                 part = slice(lo, lo + _CHUNK)
                 cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
-                patch[ch[part], slot[part]] = cut.numpy()
+                patch.put(e[part], cut.numpy())
+
+    from tqdm.auto import tqdm  # imported where used: startup
 
     bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
     for batch in loader:

@@ -14,8 +14,9 @@ A pipeline file has three tables whose keys are the long options of the matching
     [mine]                                     # `patchmine mine` options
     out = "../out/demo.h5"                     # the result file (required)
     model = "efficientnet_lite0"               # model, weights, layers, k, per_image, input_size,
-    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, labels, channel_names,
-    k = 9                                      # bottom_k, batch_size, workers, device
+    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, min_inside, labels,
+    k = 9                                      # channel_names, bottom_k, batch_size, workers,
+                                               # device
 
     [render]                                   # optional: `patchmine render` options
     out = "../out/demo"                        # the gallery folder (required in [render])
@@ -29,10 +30,10 @@ Each step runs only when it is out of date, like make:
 - corpus (only with a recipe): its first folder lacks the marker the last build left, or the recipe
   changed since (the marker holds the recipe's SHA-256). The recipe itself should be idempotent.
 - mine: the result file is missing, was not made by a pipeline, its recorded settings (model,
-  weights, layers, k, per_image, input_size, resize, patch_size, labels, channel_names, bottom_k, the
-  corpus file list, the model file, checkpoint, label file and channel names file) differ from the
-  pipeline's, or a corpus image is newer than it. ``labels`` is "folder" or a CSV file and
-  ``channel_names`` a file, both relative to the pipeline file; ``bottom_k`` is true or false. Settings that do not
+  weights, layers, k, per_image, input_size, resize, patch_size, min_inside, labels, channel_names,
+  bottom_k, the corpus file list, the model file, checkpoint, label file and channel names file)
+  differ from the pipeline's, or a corpus image is newer than it. ``labels`` is "folder" or a CSV
+  file and ``channel_names`` a file, both relative to the pipeline file. Settings that do not
   change the result (batch_size, workers, device) never re-run it. The settings are stored as JSON
   in the result's root attribute ``pipeline_settings``.
 - render: the gallery's ``index.html`` is missing or older than the result file, or the render
@@ -70,7 +71,7 @@ RECIPE_MARKER = ".patchmine-recipe"
 RENDER_MARKER = ".patchmine-render.json"
 
 # table -> key -> (kind, required, what it is); kinds: str, strs (str or list of str), int (>= 1),
-# int0 (>= 0), bool, channels (str or list of int)
+# int0 (>= 0), fraction (0 < F <= 1), bool, channels (str or list of int)
 _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
     "": {
         "name": ("str", False, "the pipeline's name"),
@@ -93,6 +94,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "labels": ("str", False, '"folder" or a path,label CSV file'),
         "channel_names": ("str", False, "a file of channel names, one per line"),
         "bottom_k": ("bool", False, "also keep the k most negative activations"),
+        "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
+        "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -108,17 +111,8 @@ _TABLES = ("corpus", "mine", "render")
 _REQUIRED_TABLES = ("corpus", "mine")
 # [mine] keys the result depends on; batch_size, workers and device do not change it (DESIGN.md)
 _RESULT_KEYS = (
-    "model",
-    "weights",
-    "layers",
-    "k",
-    "per_image",
-    "input_size",
-    "resize",
-    "patch_size",
-    "labels",
-    "channel_names",
-    "bottom_k",
+    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size",
+    "min_inside", "labels", "channel_names", "bottom_k",
 )
 
 
@@ -150,6 +144,8 @@ class Pipeline:
             value = self.mine.get(key)
             if value and value != "folder" and Path(value).is_file():
                 s[f"{key}_file"] = _sha256(Path(value))  # small files: their contents
+        if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
+            s["jpeg_draft"] = True
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -185,6 +181,10 @@ def _check(where: str, key: str, kind: str, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise bad(f"a whole number >= {low}")
         return value
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise bad("a number in (0, 1]")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")

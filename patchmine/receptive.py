@@ -1,7 +1,7 @@
 """Receptive fields of a network's nodes, and the geometry of boxes.
 
-Public names: Field, boxes, centers, locations, pixel_centers, to_original, to_input,
-receptive_fields.
+Public names: Field, boxes, inside_fraction, crosses_edge, centers, locations, pixel_centers,
+to_original, to_input, receptive_fields.
 
 Geometry lives here and nowhere else. ``receptive_fields`` traces a model the way torchvision's
 feature extraction does (same FX node names as ``get_graph_node_names``), runs it once on a zero
@@ -54,6 +54,8 @@ from patchmine.errors import UnknownNameError, UsageError, nearest
 __all__ = [
     "Field",
     "boxes",
+    "inside_fraction",
+    "crosses_edge",
     "centers",
     "locations",
     "pixel_centers",
@@ -77,12 +79,22 @@ class Field:
         stride: ``(jy, jx)`` distance in pixels between neighbouring units' fields.
         offset: ``(oy, ox)`` first pixel of unit (0, 0)'s field, usually negative (padding).
         whole: True when every unit sees the whole input.
+        layout: where the node's output keeps its grid: ``"nchw"`` (N, C, H, W) or (N, C),
+            ``"nhwc"`` (N, H, W, C), ``"tokens"`` (N, T, D) with T = prefix + h*w.
+        grid: ``(h, w)``, the patch grid of a ``"tokens"`` node.
+        prefix: the prefix tokens (class, distillation, registers) before the grid's tokens.
+        unit: for ``"tokens"`` and ``"nhwc"`` nodes, the field one grid unit would have if no op
+            mixed positions (the token's own patch; equal to the field where that is exact).
     """
 
     size: tuple[int, int]
     stride: tuple[int, int]
     offset: tuple[int, int]
     whole: bool = False
+    layout: str = "nchw"
+    grid: tuple[int, int] | None = None
+    prefix: int = 0
+    unit: Field | None = None
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
         """The field of unit ``(y, x)`` as ``(y0, x0, y1, x1)``, half-open, not clipped.
@@ -95,15 +107,34 @@ class Field:
         x0 = int(x) * self.stride[1] + self.offset[1]
         return (y0, x0, y0 + self.size[0], x0 + self.size[1])
 
+    @property
+    def suppression(self) -> Field:
+        """The field per-image suppression compares boxes with: a whole-field token (or
+        channel-last) unit's own patch (``unit``), else the field itself."""
+        return self.unit if self.whole and self.unit is not None else self
+
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> Field:
         """The field a result file records in a layer's attributes (``rf_size``, ``rf_stride``,
-        ``rf_offset``, ``rf_whole``; a scalar stands for both axes)."""
+        ``rf_offset``, ``rf_whole``; a scalar stands for both axes), with the v2 ``layout``,
+        ``token_grid``, ``prefix_tokens`` and ``token_rf_size`` / ``_stride`` / ``_offset``."""
+        unit = None
+        if "token_rf_size" in attrs:
+            unit = cls(
+                size=_pair(attrs["token_rf_size"]),
+                stride=_pair(attrs["token_rf_stride"]),
+                offset=_pair(attrs["token_rf_offset"]),
+            )
+        grid = attrs.get("token_grid")
         return cls(
             size=_pair(attrs.get("rf_size", 1)),
             stride=_pair(attrs.get("rf_stride", 1)),
             offset=_pair(attrs.get("rf_offset", 0)),
             whole=bool(attrs.get("rf_whole", False)),
+            layout=str(attrs.get("layout", "nchw")),
+            grid=None if grid is None else _pair(grid),
+            prefix=int(attrs.get("prefix_tokens", 0)),
+            unit=unit,
         )
 
 
@@ -132,6 +163,42 @@ def boxes(field: Field, yx: Any) -> np.ndarray:
         return np.broadcast_to(whole, yx.shape[:-1] + (4,)).copy()
     start = yx * np.asarray(field.stride, np.int64) + np.asarray(field.offset, np.int64)
     return np.concatenate([start, start + np.asarray(field.size, np.int64)], -1).astype(np.int32)
+
+
+def inside_fraction(field: Field, fmap_hw: Sequence[int], input_hw: Sequence[int]) -> np.ndarray:
+    """How much of each unit's box lies inside the input: the ``--min-inside`` measure.
+
+    Per axis, the part of the box inside the input divided by ``min(size, input side)`` (the most
+    a box of that size can have inside); the fraction is the product of the two axes. For a field
+    no larger than the input this is the share of the box's area inside the input; for a larger
+    one, units whose box covers the whole input along an axis count as fully inside there.
+
+    Args:
+        field: the node's receptive field (a whole-input field gives 1 everywhere).
+        fmap_hw: ``(H, W)`` of the node's map.
+        input_hw: the model input's ``(height, width)`` in pixels.
+
+    Returns:
+        ``(H, W)`` float64 fractions in [0, 1].
+    """
+    H, W = (int(v) for v in fmap_hw)
+    if field.whole:
+        return np.ones((H, W))
+    inside, most = [], 1
+    for n, size, stride, offset, side in zip(
+        (H, W), field.size, field.stride, field.offset, input_hw, strict=True
+    ):
+        start = np.arange(n, dtype=np.int64) * stride + offset
+        inside.append(np.clip(np.minimum(start + size, side) - np.maximum(start, 0), 0, None))
+        most *= min(int(size), int(side))
+    return (inside[0][:, None] * inside[1][None, :]) / most  # one rounding: exact comparisons
+
+
+def crosses_edge(box: Any, input_hw: Sequence[int]) -> np.ndarray:
+    """Whether boxes ``(..., 4)`` (model-input pixels, half-open) run past the input's edge."""
+    b = _numpy(box)
+    h, w = (int(v) for v in input_hw)
+    return (b[..., 0] < 0) | (b[..., 1] < 0) | (b[..., 2] > h) | (b[..., 3] > w)
 
 
 def _yx(a: Any, name: str) -> np.ndarray:
@@ -251,15 +318,27 @@ def to_input(box_orig: Any, transform: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _State:
-    """A tensor's field: ``dims`` are the tensor dims holding (y, x); each axis is (r, j, o)."""
+    """A tensor's field: ``dims`` are the tensor dims holding (y, x); each axis is (r, j, o).
 
-    dims: tuple[int, int] = (2, 3)
+    ``tokens = (prefix, h, w)``: y and x are flattened into the one dim ``dims[0] == dims[1]``,
+    after ``prefix`` tokens that are not on the grid. A whole state keeps ``dims`` / ``tokens`` (the
+    layout, and in y, x the field a unit would have without the mixing op) where they are known;
+    ``dims is None`` when they are not.
+    """
+
+    dims: tuple[int, int] | None = (2, 3)
     y: tuple[int, int, int] = (1, 1, 0)
     x: tuple[int, int, int] = (1, 1, 0)
     whole: bool = False
+    tokens: tuple[int, int, int] | None = None
 
 
-_WHOLE = _State(whole=True)
+_WHOLE = _State(dims=None, whole=True)
+
+
+def _whole(st: Any) -> _State:
+    """Whole-input from here on, keeping the layout of ``st`` where it is known."""
+    return replace(st, whole=True) if isinstance(st, _State) and st.dims is not None else _WHOLE
 
 
 @dataclass(frozen=True)
@@ -322,11 +401,22 @@ def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], d: int) 
     return None
 
 
+def _hull(axes) -> tuple[int, int, int]:
+    """The smallest (r, j, o) covering every input's unit field (the layout's nominal unit)."""
+    axes = list(axes)
+    lo = min(o for _, _, o in axes)
+    return (max(o + r for r, _, o in axes) - lo, max(j for _, j, _ in axes), lo)
+
+
 def _combine(states: list[_State], where: str) -> _State:
     """Merge the fields of several inputs of one node (add, mul, cat, ...)."""
     if any(s.whole for s in states):
-        return _WHOLE
-    if len({s.dims for s in states}) > 1:
+        if len({(s.dims, s.tokens) for s in states}) > 1:
+            return _WHOLE
+        return _whole(
+            replace(states[0], y=_hull(s.y for s in states), x=_hull(s.x for s in states))
+        )
+    if len({(s.dims, s.tokens) for s in states}) > 1:
         raise _Refuse(f"inputs with different spatial layouts meet at node {where!r}")
     for i, name in enumerate("yx"):
         axes = [(s.y, s.x)[i] for s in states]
@@ -338,7 +428,7 @@ def _combine(states: list[_State], where: str) -> _State:
             )
     y = max((s.y for s in states), key=lambda a: a[0])
     x = max((s.x for s in states), key=lambda a: a[0])
-    return _State(states[0].dims, y, x)
+    return _State(states[0].dims, y, x, tokens=states[0].tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +475,13 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqu
                     "reshape_as", "expand", "expand_as"}  # fmt: skip
 _GLOBAL_FNS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum,
                F.scaled_dot_product_attention, F.multi_head_attention_forward}  # fmt: skip
+# window attention (Swin) mixes the positions of a window, shifted from block to block: taken as
+# mixing all of them (whole-input fields: a superset of the true field, so still correct)
+_GLOBAL_FNS |= {
+    getattr(torchvision.models.swin_transformer, name)
+    for name in ("shifted_window_attention", "shifted_window_attention_v2")
+    if hasattr(torchvision.models.swin_transformer, name)
+}
 _GLOBAL_METHODS = {"matmul", "bmm", "mm"}
 _UNSUPPORTED_FNS = {
     F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.conv_transpose1d,
@@ -440,8 +537,12 @@ class _Analyzer(fx.Interpreter):
             out, state = self._through(n, refs, args, kwargs)
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            out = super().run_node(n)
-            state = self._state(n, refs, args, kwargs, out)
+            traced = self._into_function(n, refs, args, kwargs)
+            if traced is not None:
+                out, state = traced
+            else:
+                out = super().run_node(n)
+                state = self._state(n, refs, args, kwargs, out)
         self.states[n] = state
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         if self.stop_after is not None:
@@ -449,6 +550,32 @@ class _Analyzer(fx.Interpreter):
             if not self.stop_after:
                 raise _Done
         return out
+
+    def _into_function(self, n: fx.Node, refs, args: tuple, kwargs: dict) -> tuple | None:
+        """Analyse a call of a Python function the tracer kept whole (``torch.fx.wrap``, e.g.
+        Swin's patch merging) by tracing into it; None when it is not one or cannot be traced."""
+        fn = n.target
+        if n.op != "call_function" or not inspect.isfunction(fn) or fn in _GLOBAL_FNS:
+            return None
+        where = getattr(fn, "__module__", None) or ""
+        if where.startswith("torch") and not where.startswith("torchvision.models"):
+            return None  # torch's own functions and torchvision.ops: the op tables cover them
+        if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+            return None
+        try:
+            gm = fx.symbolic_trace(fn)
+        except Exception:  # noqa: BLE001 - untraceable: the ordinary rules take it
+            return None
+        if sum(1 for p in gm.graph.nodes if p.op == "placeholder") != len(args):
+            return None
+        states = [r.state if isinstance(r, _Ref) else None for r in refs[0]]
+        sub = _Analyzer(gm, states, self.label, inside=self.where(n))
+        out = sub.run(*args)
+        out_node = next(p for p in gm.graph.nodes if p.op == "output")
+        found = _live_states(fx.node.map_arg(out_node.args[0], lambda a: _Ref(sub.states[a])))
+        if isinstance(found, _Unsupported) or not found:
+            return out, found if found else None
+        return out, found[0]
 
     @staticmethod
     def _traces_through(module: nn.Module) -> bool:
@@ -509,7 +636,13 @@ class _Analyzer(fx.Interpreter):
         if _tensor_shape(out) is None:
             return None
         if all(s.whole for s in live):
-            return _WHOLE
+            # the field stays whole; the rules only follow where the grid is (the layout)
+            if any(s.dims is None for s in live):
+                return _WHOLE
+            try:
+                return _whole(self._rule(n, refs, args, kwargs, out, live))
+            except _Refuse:
+                return _WHOLE
         try:
             return self._rule(n, refs, args, kwargs, out, live)
         except _Refuse as exc:
@@ -535,7 +668,7 @@ class _Analyzer(fx.Interpreter):
                 "(upsampling, transposed or deformable convs, flips and the like are not supported)"
             )
         if isinstance(module, _GLOBAL_MODULES) or fn in _GLOBAL_FNS or (method in _GLOBAL_METHODS):
-            return _WHOLE
+            return _whole(_shaped_like(refs, (args, kwargs), out))  # attention keeps its layout
 
         if isinstance(module, nn.Conv2d) or fn in _CONV_FNS:
             if module is not None:
@@ -637,14 +770,17 @@ class _Analyzer(fx.Interpreter):
             if dim is None:
                 dim = 0 if x.ndim in (0, 1, 3) else 1
             if dim % x.ndim in st.dims:
-                return _WHOLE
+                return _whole(st)
             return _elementwise(live, refs, args, kwargs, out, where)
 
         if fn in _CAT_FNS:
             dim = _bind([("tensors", None), ("dim", 0)], args, kwargs)["dim"]
-            for ref, t in zip(refs[0][0], args[0], strict=True):
+            tensors = _bind([("tensors", None), ("dim", 0)], refs[0], refs[1])["tensors"]
+            for ref, t in zip(tensors, args[0], strict=True):
                 s = ref.state if isinstance(ref, _Ref) else None
-                if isinstance(s, _State) and not s.whole and dim % t.ndim in s.dims:
+                if isinstance(s, _State) and s.dims is not None and dim % t.ndim in s.dims:
+                    if s.tokens is not None:
+                        return _cat_tokens(tensors, args[0], dim, where)
                     raise _Refuse(f"node {where!r} concatenates along a spatial axis")
             return _elementwise(live, refs, args, kwargs, out, where)
 
@@ -713,14 +849,45 @@ def _spatial_input(st: Any, x: Any, where: str) -> _State:
 def _reshape(st: _State, x: torch.Tensor, out: Any) -> _State:
     """Follow the spatial axes through view / reshape / flatten / squeeze / indexing."""
     out_shape = _tensor_shape(out)
-    dims = tuple(_map_reshape(tuple(x.shape), out_shape, d) for d in st.dims)
-    if None in dims:
-        return _WHOLE  # spatial positions merged, reduced or picked: conservatively whole
-    return replace(st, dims=dims)
+    in_shape = tuple(x.shape)
+    if st.dims is None:
+        return _WHOLE
+    if st.tokens is not None:
+        d = _map_reshape(in_shape, out_shape, st.dims[0])
+        if d is not None:
+            return replace(st, dims=(d, d))
+        prefix, h, w = st.tokens
+        t = st.dims[0]
+        for e in range(len(out_shape) - 1):  # the tokens unflattened back into (h, w)
+            if (
+                prefix == 0
+                and out_shape[e : e + 2] == (h, w)
+                and math.prod(out_shape[:e]) == math.prod(in_shape[:t])
+            ):
+                return replace(st, dims=(e, e + 1), tokens=None)
+        return _whole(None)
+    dims = tuple(_map_reshape(in_shape, out_shape, d) for d in st.dims)
+    if None not in dims:
+        return replace(st, dims=dims)
+    a, b = st.dims
+    if b == a + 1:  # y and x flattened into one dim: the tokens of a patch embedding
+        h, w = in_shape[a], in_shape[b]
+        for e in range(len(out_shape)):
+            if (
+                out_shape[e] == h * w
+                and math.prod(out_shape[:e]) == math.prod(in_shape[:a])
+                and math.prod(out_shape[e + 1 :]) == math.prod(in_shape[b + 1 :])
+            ):
+                return replace(st, dims=(e, e), tokens=(0, h, w))
+    return _whole(None)  # spatial positions merged, reduced or picked: conservatively whole
 
 
 def _index(st: _State, x: torch.Tensor, index: Any, out: Any) -> _State:
     """Follow the spatial axes through ``x[index]``; a slice of a spatial axis crops the field."""
+    if st.dims is None:
+        return _WHOLE
+    if st.tokens is not None:
+        return _index_tokens(st, x, index, out)
     items = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
         return _reshape(st, x, out)  # advanced indexing
@@ -746,7 +913,77 @@ def _index(st: _State, x: torch.Tensor, index: Any, out: Any) -> _State:
         if isinstance(item, slice):
             d_out += 1
         d_in += 1
-    return _State((dims[0], dims[1]), axes[0], axes[1])
+    return replace(st, dims=(dims[0], dims[1]), y=axes[0], x=axes[1])
+
+
+def _index_tokens(st: _State, x: torch.Tensor, index: Any, out: Any) -> _State:
+    """``x[index]`` on tokens: the token dim kept whole, or its prefix tokens sliced off."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+        return _whole(None)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items = items[:at] + (slice(None),) * (x.ndim - consumed) + items[at + 1 :]
+    prefix, h, w = st.tokens
+    t, d_in, d_out, where = st.dims[0], 0, 0, None
+    for item in items:
+        if item is None:
+            d_out += 1
+            continue
+        if d_in == t:
+            if not isinstance(item, slice):
+                return _whole(None)  # one token picked (the class token: mined as @cls)
+            start, stop, step = item.indices(x.shape[t])
+            if step != 1 or stop != x.shape[t] or start > prefix:
+                return _whole(None)
+            prefix -= start
+            where = d_out
+        if isinstance(item, slice):
+            d_out += 1
+        d_in += 1
+    if where is None:  # the token dim comes after the indexed ones
+        where = d_out + (t - d_in)
+    return replace(st, dims=(where, where), tokens=(prefix, h, w))
+
+
+def _cat_tokens(tensors, values, dim: int, where: str) -> _State:
+    """``torch.cat`` along the token dim: tensors from no input before the grid add prefix tokens."""
+    before, found = 0, None
+    for ref, t in zip(tensors, values, strict=True):
+        s = ref.state if isinstance(ref, _Ref) else None
+        if isinstance(s, _State) and not (s.whole and s.dims is None):
+            if found is not None or s.tokens is None:
+                return _whole(None)
+            found = s
+        elif isinstance(s, _State):
+            return _WHOLE
+        elif found is None:
+            before += t.shape[dim]
+        else:
+            return _whole(None)  # tokens after the grid
+    prefix, h, w = found.tokens
+    return replace(found, tokens=(prefix + before, h, w))
+
+
+def _shaped_like(refs, values, out: Any) -> Any:
+    """The state of the first input tensor shaped like ``out`` (attention's query), if any."""
+    shape = _tensor_shape(out)
+    found = []
+
+    def walk(r, v):
+        if isinstance(r, _Ref):
+            if isinstance(r.state, _State) and isinstance(v, torch.Tensor):
+                found.append((r.state, tuple(v.shape)))
+        elif isinstance(r, (tuple, list)) and isinstance(v, (tuple, list)):
+            for a, b in zip(r, v, strict=False):
+                walk(a, b)
+        elif isinstance(r, dict) and isinstance(v, dict):
+            for key in r:
+                walk(r[key], v.get(key))
+
+    walk(refs, values)
+    return next((st for st, s in found if s == shape), None)
 
 
 def _elementwise(live, refs, args, kwargs, out, where: str) -> _State:
@@ -766,9 +1003,9 @@ def _elementwise(live, refs, args, kwargs, out, where: str) -> _State:
                 walk(r[key], v.get(key))
 
     walk(refs, (args, kwargs))
-    mapped = []
+    mapped, spread = [], False
     for st, v in pairs:
-        if st.whole:
+        if st.dims is None:
             return _WHOLE
         delta = len(out_shape) - v.ndim
         if delta < 0:
@@ -779,15 +1016,18 @@ def _elementwise(live, refs, args, kwargs, out, where: str) -> _State:
             if size_in == size_out:
                 continue
             if size_in == 1 or size_out == 1:
-                return _WHOLE  # broadcast over space (a gate), or a reduction with keepdim
+                spread = True  # broadcast over space (a gate), or a reduction with keepdim
+                break
             raise _Refuse(
                 f"node {where!r} changes a spatial size from {size_in} to {size_out} in a way "
                 "patchmine cannot follow (upsampling, cropping or an unknown op)"
             )
-        mapped.append(replace(st, dims=dims))
+        else:
+            mapped.append(replace(st, dims=dims))
     if not mapped:
         return _WHOLE
-    return _combine(mapped, where)
+    merged = _combine(mapped, where)
+    return _whole(merged) if spread else merged
 
 
 def _hw(input_size: int | Sequence[int]) -> tuple[int, int]:
@@ -871,14 +1111,39 @@ def receptive_fields(
     finally:
         model.train(was_training)
 
-    def field(state: _State, shape) -> Field:
-        if state.whole or (shape is not None and len(shape) == 2):
-            return Field(size=hw, stride=hw, offset=(0, 0), whole=True)
-        return Field(
+    grids: dict[tuple[int, int, int], _State] = {}  # every patch grid the model made, first seen
+    for state in analyzer.states.values():
+        if isinstance(state, _State) and state.tokens is not None:
+            grids.setdefault(state.tokens, state)
+
+    def field(state: _State, shape) -> Field | None:
+        """The node's Field with its layout; None where the node has no grid patchmine can mine."""
+        rank = len(shape) if shape is not None else 0
+        layout, extra = "nchw", {}
+        if rank == 3:
+            if state.tokens is None and state.dims is None:  # layout lost: match the token count
+                found = [g for g in grids if g[0] + g[1] * g[2] == shape[1]]
+                if len(found) != 1:
+                    return None
+                state = replace(grids[found[0]], whole=True)
+            if state.tokens is None or state.dims != (1, 1):
+                return None
+            layout = "tokens"
+            extra = {"prefix": state.tokens[0], "grid": state.tokens[1:]}
+        elif rank == 4 and state.dims == (1, 2):
+            layout = "nhwc"
+        elif rank != 2 and not (rank == 4 and state.dims in (None, (2, 3))):
+            return None
+        own = Field(
             size=(state.y[0], state.x[0]),
             stride=(state.y[1], state.x[1]),
             offset=(state.y[2], state.x[2]),
         )
+        if layout != "nchw":
+            extra.update(layout=layout, unit=own)
+        if state.whole or rank == 2:
+            return Field(size=hw, stride=hw, offset=(0, 0), whole=True, **extra)
+        return replace(own, **extra)
 
     result: dict[str, Field] = {}
     if nodes is None:
@@ -886,8 +1151,9 @@ def receptive_fields(
             state, shape = analyzer.states.get(node), analyzer.shapes.get(node)
             if not isinstance(state, _State) or shape is None:
                 continue
-            if len(shape) == 2 or (len(shape) == 4 and (state.whole or state.dims == (2, 3))):
-                result[name] = field(state, shape)
+            found = field(state, shape)
+            if found is not None:
+                result[name] = found
         return result
     for name in nodes:
         node = by_name[name]
@@ -896,5 +1162,16 @@ def receptive_fields(
             raise UsageError(f"node {name!r} has no receptive field: {state.message}")
         if not isinstance(state, _State) or shape is None:
             raise UsageError(f"node {name!r} does not output a tensor computed from the input")
-        result[name] = field(state, shape)
+        found = field(state, shape)
+        if found is None:
+            what = "x".join(str(v) for v in shape[1:])
+            raise UsageError(
+                f"node {name!r} outputs {what} per image, which is not a grid patchmine can "
+                "find: no patch embedding of the model (a conv whose output is flattened into "
+                "tokens) gives that token count"
+                if len(shape) == 3
+                else f"node {name!r} outputs {what} per image, with its grid in no layout "
+                "patchmine mines ((N, C, H, W), (N, H, W, C), (N, T, D) or (N, C))"
+            )
+        result[name] = found
     return result

@@ -1,26 +1,38 @@
 """Activations of named graph nodes, via torchvision's FX feature extraction.
 
-Public names: layer_names, node_shapes, resolve_layers, default_layers, Layers, select_layers, Tap.
+Public names: layer_names, node_shapes, output_shapes, module_outputs, resolve_layers,
+default_layers, Layers,
+select_layers, Tap.
 
 Layer names are the dotted FX node names torchvision's ``get_graph_node_names`` reports (``features.3``,
-``layer1.0.relu_1``, ``add_3``), never re-joined with ``_``.
+``layer1.0.relu_1``, ``add_3``), never re-joined with ``_``, or module names (``layer3``,
+``features``, ``_blocks.10``): a module name means the module's output node, by torchvision's
+``create_feature_extractor`` rule (the last node of the graph whose name starts with the module's:
+``layer3`` -> ``layer3.5.relu_2``). The name as given stays the layer's name, as torchvision keeps it
+as the output key; the node it means is recorded beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
-from patchmine.receptive import Field, receptive_fields
+from patchmine.receptive import Field
+
+if TYPE_CHECKING:
+    from patchmine.tokens import View
 
 __all__ = [
     "layer_names",
     "node_shapes",
+    "module_outputs",
+    "output_shapes",
     "resolve_layers",
     "default_layers",
     "Layers",
@@ -29,9 +41,11 @@ __all__ = [
 ]
 
 # Batches are padded to a multiple of this many images before the forward pass: CPU kernels pick code
-# paths by batch size (a batch of 1, or a GEMM row remainder), so an unpadded forward could change an
-# activation's last bits with the batch size, and with it the result file.
-BATCH_MULTIPLE = 8
+# paths by batch size, so an unpadded forward could change an activation's last bits with the batch
+# size, and with it the result file. PyTorch runs a float32 1x1 convolution single-threaded with its
+# native kernel below a batch of 16 and with oneDNN from 16 on (ATen's ConvParams::use_mkldnn), and
+# the two sum in different orders: 16, not 8, so that every forward takes the oneDNN path.
+BATCH_MULTIPLE = 16
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -46,9 +60,14 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n in names[1:] if n != "output"]
 
 
-@torch.inference_mode()
 def node_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     """Per-image output shape of each node with a 4-D (N,C,H,W) or 2-D (N,C) tensor output."""
+    return {n: s for n, s in output_shapes(model, input_size).items() if len(s) in (1, 3)}
+
+
+@torch.inference_mode()
+def output_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every node with a tensor output of 2 to 5 dims (tokens too)."""
     names = layer_names(model)
     extractor = create_feature_extractor(model.eval(), return_nodes=names)
     device = next(model.parameters(), torch.empty(0)).device
@@ -56,35 +75,130 @@ def node_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]
     return {
         n: tuple(v.shape[1:])
         for n, v in out.items()
-        if isinstance(v, torch.Tensor) and v.ndim in (2, 4) and v.shape[0] == 2
+        if isinstance(v, torch.Tensor) and 2 <= v.ndim <= 5 and v.shape[0] == 2
     }
 
 
-def resolve_layers(shapes: dict[str, tuple[int, ...]], layers: Sequence[str]) -> list[str]:
-    """Check layer names against the minable nodes; the error lists the nearest valid names."""
+def module_outputs(names: Sequence[str]) -> dict[str, str]:
+    """Every name torchvision's feature extraction accepts -> the node it means.
+
+    A name is a dotted prefix of node names (a module, ``layer3``, ``layer3.5``) or a node name
+    itself; it means the last node in graph order that starts with it (torchvision's rule), which for
+    a module is its output node.
+
+    Args:
+        names: node names in execution order (`layer_names`).
+
+    Returns:
+        name -> node, ordered by where each name first appears in the graph.
+
+    Example:
+        >>> module_outputs(["layer1.0.conv1", "layer1.0.relu", "fc"])["layer1"]
+        'layer1.0.relu'
+    """
+    out: dict[str, str] = {}
+    for node in names:
+        parts = node.split(".")
+        for i in range(1, len(parts) + 1):
+            out[".".join(parts[:i])] = node
+    return out
+
+
+def _block_outputs(modules: dict[str, str]) -> set[str]:
+    """The modules that hold others (their names are not nodes) and their output nodes."""
+    blocks = {name for name, node in modules.items() if name != node}
+    return blocks | {modules[b] for b in blocks}
+
+
+def _suggest(name: str, choices: Sequence[str], blocks: set[str]) -> list[str]:
+    """The valid names nearest to a typo, the outputs of blocks first."""
+    close = nearest(name, choices, n=10)
+    return ([c for c in close if c in blocks] + [c for c in close if c not in blocks])[:5]
+
+
+def resolve_layers(
+    shapes: dict[str, tuple[int, ...]],
+    layers: Sequence[str],
+    modules: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Check layer names against the minable nodes; map module names to their output nodes.
+
+    Args:
+        shapes: the minable nodes -> per-image shape (their order is the graph's).
+        layers: names as the user gave them: node names or module names.
+        modules: `module_outputs` of the model's graph (default: the nodes of ``shapes`` only).
+
+    Returns:
+        name as given -> the node it means, in the order given; a name meaning a node already
+        asked for (``layer3`` and ``layer3.5.relu_2``) is dropped.
+
+    Raises:
+        UsageError: no names.
+        UnknownNameError: names that are neither nodes nor modules (each named, with its nearest
+            valid names), or a module whose output node cannot be mined.
+    """
     if not layers:
-        raise UsageError("no layers given")
-    out = []
+        raise UsageError("no layers given; name at least one (`patchmine layers MODEL` lists them)")
+    modules = modules if modules is not None else module_outputs(list(shapes))
+    out: dict[str, str] = {}
+    unknown, unminable = [], []
     for name in layers:
-        if name not in shapes:
-            hint = ", ".join(nearest(name, shapes)) or "run `patchmine layers MODEL` to list them"
-            raise UnknownNameError(f"unknown layer {name!r}; nearest: {hint}")
-        if name not in out:
-            out.append(name)
+        node = name if name in shapes else modules.get(name)
+        if node is None:
+            unknown.append(name)
+        elif node not in shapes:
+            unminable.append(f"{name!r} (its output node {node} is not a feature map or vector)")
+        elif node not in out.values():
+            out[name] = node
+    if unknown:
+        choices = list(dict.fromkeys([*modules, *shapes]))
+        blocks = _block_outputs(modules)
+        what = [
+            f"{n!r} (nearest: {', '.join(_suggest(n, choices, blocks)) or 'none'})" for n in unknown
+        ]
+        raise UnknownNameError(
+            f"unknown layer{'s' * (len(unknown) > 1)} {'; '.join(what)}; "
+            "`patchmine layers MODEL` lists them"
+        )
+    if unminable:
+        raise UsageError(f"cannot mine layer {'; '.join(unminable)}")
     return out
 
 
 def default_layers(shapes: dict[str, tuple[int, ...]], count: int = 5) -> list[str]:
-    """About ``count`` layers from early to late: the last node of each feature-map size."""
-    last: dict[tuple[int, ...], str] = {}
-    for name, shape in shapes.items():
-        if len(shape) == 3 and shape[1] > 1:
-            last[shape[1:]] = name
-    picks = list(last.values())
+    """About ``count`` layers from early to late, out of ``shapes`` (graph order).
+
+    The candidates are the last node of each feature-map size (a CNN's stages) and, where those are
+    fewer than ``count``, also the last node of each numbered block (``features.5.3``,
+    ``encoder.layers.encoder_layer_5``): a transformer keeps one token grid from its patch embedding
+    to its head, so its depth shows in its blocks, not in its map sizes. Evenly spaced picks are
+    taken from the candidates when there are more than ``count``, the first and the last kept.
+    """
+    maps = [name for name, shape in shapes.items() if len(shape) == 3 and shape[1] > 1]
+    last: dict[tuple[int, ...] | str, str] = {}
+    for name in maps:
+        last[shapes[name][1:]] = name
+    if len(last) < count:
+        for name in maps:
+            block = _block(name)
+            if block is not None:
+                last[block] = name
+    ends = set(last.values())
+    picks = [name for name in maps if name in ends]
     if len(picks) > count:
         step = (len(picks) - 1) / (count - 1)
         picks = [picks[round(i * step)] for i in range(count)]
     return picks
+
+
+def _block(name: str) -> str | None:
+    """The numbered module a node lies in (its name up to the last parent ending in a digit:
+    ``features.5.3``, ``encoder.layers.encoder_layer_5``), or None."""
+    parents = name.split(".")[:-1]
+    for i in range(len(parents), 0, -1):
+        if parents[i - 1][-1:].isdigit():
+            return ".".join(parents[:i])
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,14 +206,19 @@ class Layers:
     """The nodes a run mines, in order, with what the collectors and the file need of each.
 
     Attributes:
-        names: node names, as given (duplicates dropped) or the defaults.
-        shapes: node -> per-image output shape, (C, H, W) or (C,).
-        fields: node -> its receptive field.
+        names: layer names, as given (node or module names, duplicates dropped) or the defaults.
+        shapes: name -> per-image output shape, (C, H, W) or (C,).
+        fields: name -> its receptive field.
+        nodes: name -> the graph node it means (itself for a node name; a module's output node).
+        views: name -> `patchmine.tokens.View`, for the token, ``@cls`` and channel-last nodes
+            whose tapped output must be turned into that map (see `Tap`).
     """
 
     names: list[str]
     shapes: dict[str, tuple[int, ...]]
     fields: dict[str, Field]
+    nodes: dict[str, str] = field(default_factory=dict)
+    views: dict[str, View] = field(default_factory=dict)
 
     def fmap_hw(self, name: str) -> tuple[int, int]:
         """(H, W) of a node's map; (1, 1) for a node with output (N, C)."""
@@ -113,29 +232,43 @@ def select_layers(
     layers: Sequence[str] | None = None,
     defaults: Sequence[str] = (),
 ) -> Layers:
-    """Check the asked-for nodes (or pick the defaults) and learn their shapes and fields.
+    """Check the asked-for layers (or pick the defaults) and learn their shapes and fields.
+
+    Token nodes (N, T, D) and their ``@cls`` prefix nodes, and channel-last nodes, are offered
+    beside (N, C, H, W) and (N, C) nodes (see `patchmine.tokens.minable`).
 
     Args:
         model: the network (traced and run once on a zero input for shapes, once for fields).
         input_size: the square input side.
-        layers: node names; ``None`` or empty for ``defaults``, else the last node of each map size.
+        layers: node or module names (see `module_outputs`); ``None`` for ``defaults``, else the
+            last node of each map size. An empty list is an error.
         defaults: the model's own default nodes (see ``LoadedModel.default_layers``).
 
     Raises:
-        UnknownNameError: a name that is not a minable node (the nearest ones are listed).
-        UsageError: a node whose receptive field cannot be represented (naming where it was lost).
+        UnknownNameError: a name that is neither a minable node nor a module (the nearest valid
+            names are listed, every unknown name of the list in one message).
+        UsageError: no names, a node whose receptive field cannot be represented (naming where
+            it was lost), or whose token grid cannot be found.
     """
-    every = node_shapes(model, input_size)
-    fields = receptive_fields(model, input_size)  # the nodes that have a field
-    shapes = {n: s for n, s in every.items() if n in fields}
-    for name in layers or ():
-        if name in every and name not in fields:  # raises, saying where the field was lost
-            receptive_fields(model, input_size, [name])
-    if layers:
-        names = resolve_layers(shapes, layers)
+    from patchmine.tokens import minable  # tokens builds on this module's output_shapes
+
+    found = minable(model, input_size)
+    if layers is None:
+        names = list(defaults) or default_layers(found.shapes)
+        nodes = {n: n for n in names}
     else:
-        names = list(defaults) or default_layers(shapes)
-    return Layers(names, {n: shapes[n] for n in names}, {n: fields[n] for n in names})
+        modules = module_outputs(layer_names(model))
+        # a node that exists but cannot be mined: one line saying why
+        found.check([n if n in found.shapes else modules.get(n, n) for n in layers])
+        nodes = resolve_layers(found.shapes, layers, modules)
+        names = list(nodes)
+    return Layers(
+        names,
+        {n: found.shapes[nodes[n]] for n in names},
+        {n: found.fields[nodes[n]] for n in names},
+        nodes,
+        {n: found.views[nodes[n]] for n in names if nodes[n] in found.views},
+    )
 
 
 class Tap(nn.Module):
@@ -144,12 +277,25 @@ class Tap(nn.Module):
     Calling it with ``pixels`` (N, 3, S, S) uint8 returns ``{node: (N, C, H, W) or (N, C)}`` float32
     activations: the pixels are scaled to [0, 1], normalized with the model's mean/std and the batch
     is padded to a multiple of ``BATCH_MULTIPLE`` (the padding rows are dropped from the output).
+    ``layers`` may hold module names: torchvision resolves them by the rule of `module_outputs`,
+    and the output keeps the names as given.
+    ``views`` (`Layers.views`) names, for token, prefix (``@cls``) and channel-last nodes, the
+    graph node to tap and how to turn its output into such a map.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], mean, std):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        mean,
+        std,
+        views: Mapping[str, View] | None = None,
+    ):
         super().__init__()
         self.layers = list(layers)
-        self.extractor = create_feature_extractor(model.eval(), return_nodes=self.layers)
+        self.views = {n: views[n] for n in self.layers if n in (views or {})}
+        tapped = list(dict.fromkeys(self.views[n].node if n in self.views else n for n in layers))
+        self.extractor = create_feature_extractor(model.eval(), return_nodes=tapped)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
@@ -160,4 +306,8 @@ class Tap(nn.Module):
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         out = self.extractor(x)
-        return {k: out[k][:n].float() for k in self.layers}
+        views = self.views
+        return {
+            k: (views[k](out[views[k].node][:n]) if k in views else out[k][:n]).float()
+            for k in self.layers
+        }

@@ -111,15 +111,22 @@ def test_taps_shapes_names_and_errors():
     assert torch.allclose(out["classifier.6"], ref, atol=1e-4)
 
 
-def test_tap_is_batch_size_invariant():
-    """The padded forward gives bit-identical activations whatever the batch split."""
+@pytest.mark.parametrize("threads", [1, None])
+def test_tap_is_batch_size_invariant(threads):
+    """The padded forward gives bit-identical activations whatever the batch split, also
+    single-threaded (where PyTorch picks a 1x1 convolution's kernel by batch size)."""
     lm = load_model(DEFAULT_MODEL, "none")
     names = layer_names(lm.module)
     tap = Tap(lm.module, [names[2], names[len(names) // 2], names[-1]], lm.mean, lm.std)
     torch.manual_seed(0)
     px = torch.randint(0, 256, (11, 3, 96, 96), dtype=torch.uint8)
-    with torch.inference_mode():
-        whole = tap(px)
-        parts = [tap(px[i : i + 3]) for i in range(0, 11, 3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        with torch.inference_mode():
+            whole = tap(px)
+            parts = [tap(px[i : i + 3]) for i in range(0, 11, 3)]
+    finally:
+        torch.set_num_threads(before)
     for k, v in whole.items():
         assert torch.equal(v, torch.cat([p[k] for p in parts]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -275,9 +276,11 @@ def test_unknown_node_lists_nearest():
 def test_channels_last_nodes_inside_convnext_block():
     model = _tv("convnext_tiny")
     fields = receptive_fields(model, 64)
-    assert "features.1.0.block.2" not in fields  # LayerNorm over channels-last (N, H, W, C)
+    assert fields["features.1.0.block.2"].layout == "nhwc"  # LayerNorm over (N, H, W, C)
     asked = receptive_fields(model, 64, ["features.1.0.block.0", "features.1.0.block.3"])
-    assert asked["features.1.0.block.3"] == asked["features.1.0.block.0"]  # Linear is pointwise
+    conv, linear = asked["features.1.0.block.0"], asked["features.1.0.block.3"]
+    assert conv.layout == "nchw" and linear.layout == "nhwc" and linear.unit == conv
+    assert replace(linear, layout="nchw", unit=None) == conv  # Linear is pointwise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +405,9 @@ class _Gate(nn.Module):
 def test_gates_reductions_and_softmax():
     f = receptive_fields(_Gate(), 16, ["mul", "flatten", "softmax", "softmax_1"])
     assert f["mul"].whole and f["flatten"].whole and f["softmax_1"].whole
-    assert f["softmax"] == Field((3, 3), (1, 1), (-1, -1))  # over channels (channels-last)
+    softmax = f["softmax"]  # over channels (channels-last)
+    assert softmax.layout == "nhwc" and softmax.unit == Field((3, 3), (1, 1), (-1, -1))
+    assert replace(softmax, layout="nchw", unit=None) == Field((3, 3), (1, 1), (-1, -1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -338,8 +338,8 @@ def cli_results(tmp_path_factory, tiny_model):
     (d / "text.h5").write_text("I am not HDF5\n")
     with h5py.File(d / "plain.h5", "w") as f:
         f["x"] = np.arange(3)
-    shutil.copy(done, d / "v3.h5")  # a schema version this patchmine does not read
-    with h5py.File(d / "v3.h5", "a") as f:
+    shutil.copy(done, d / "v2.h5")
+    with h5py.File(d / "v2.h5", "a") as f:
         f.attrs["version"] = 3
     ckpt = _make_checkpoint(corpus, d / "res.h5", tiny_model)
     (d / "garbage.h5.ckpt").write_bytes(b"\x80\x04 this is not a checkpoint")
@@ -371,7 +371,8 @@ def cli_results(tmp_path_factory, tiny_model):
         "unknown command": ["frobnicate"],
         "empty corpus": ["mine", d / "empty", "--out", d / "n.h5", *base],
         "missing corpus": ["mine", d / "nowhere", "--out", d / "n.h5", *base],
-        "output folder missing": ["mine", corpus, "--out", d / "no" / "such" / "r.h5", *base],
+        "output folder cannot be made": ["mine", corpus, "--out", d / "text.h5" / "sub" / "r.h5",
+                                         *base],
         "output folder read-only": ["mine", corpus, "--out", ro_out, *base],
         "output exists": ["mine", corpus, "--out", done, *base],
         "output is a folder": ["mine", corpus, "--out", d / "empty", *base],
@@ -389,13 +390,13 @@ def cli_results(tmp_path_factory, tiny_model):
         "info: missing": ["info", d / "missing.h5"],
         "info: not HDF5": ["info", d / "text.h5"],
         "info: HDF5, not patchmine": ["info", d / "plain.h5"],
-        "info: schema version 3": ["info", d / "v3.h5"],
+        "info: schema version 3": ["info", d / "v2.h5"],
         "render: not HDF5": ["render", d / "text.h5", "--out", d / "r1"],
         "render: HDF5, not patchmine": ["render", d / "plain.h5", "--out", d / "r2"],
-        "render: schema version 3": ["render", d / "v3.h5", "--out", d / "r3"],
+        "render: schema version 3": ["render", d / "v2.h5", "--out", d / "r3"],
         "merge: not HDF5": ["merge", d / "text.h5", done, "--out", d / "m1.h5"],
         "merge: HDF5, not patchmine": ["merge", d / "plain.h5", done, "--out", d / "m2.h5"],
-        "merge: schema version 3": ["merge", d / "v3.h5", done, "--out", d / "m3.h5"],
+        "merge: schema version 3": ["merge", d / "v2.h5", done, "--out", d / "m3.h5"],
         # these succeed
         "ok: --force overwrites": ["mine", corpus, "--out", d / "again.h5", *base, "--force"],
         "ok: odd file names": ["mine", odd, "--out", d / "odd.h5", *base[:-1]],
@@ -420,7 +421,7 @@ USAGE = {  # case -> words the one line on stderr must hold
     "unknown command": ["frobnicate", "mine"],
     "empty corpus": ["empty corpus", "empty"],
     "missing corpus": ["does not exist", "nowhere"],
-    "output folder missing": ["output folder does not exist"],
+    "output folder cannot be made": ["cannot create output folder", "text.h5 is not a folder"],
     "output folder read-only": ["not writable"],
     "output exists": ["output exists", "--force"],
     "output is a folder": ["is a folder"],
@@ -437,7 +438,7 @@ USAGE = {  # case -> words the one line on stderr must hold
     "info: missing": ["no such file", "missing.h5"],
     "info: not HDF5": ["not an HDF5 file", "text.h5"],
     "info: HDF5, not patchmine": ["not a patchmine result file", "plain.h5"],
-    "info: schema version 3": ["schema version 3", "reads versions 1, 2"],
+    "info: schema version 3": ["schema version 3", "reads versions 1 and 2"],
     "render: not HDF5": ["not an HDF5 file"],
     "render: HDF5, not patchmine": ["not a patchmine result file"],
     "render: schema version 3": ["schema version 3"],
@@ -621,22 +622,28 @@ def _file_size_limit(limit: int):
 
 
 def test_full_disk_during_write_then_resume(tmp_path, fault_corpus, tiny_model):
-    corpus, ref = fault_corpus
+    corpus, _ = fault_corpus
+    # 128 px inputs: a (compressed) result larger than the checkpoint (~0.31 MB)
+    args = ["128" if a == "64" else a for a in MINE_ARGS]
+    ref = tmp_path / "ref" / "ref.h5"
+    ref.parent.mkdir()
+    assert cli.main(["mine", str(corpus), "--out", str(ref), "--model", tiny_model, *args,
+                     "-j", "0"]) == 0  # fmt: skip
     out = tmp_path / "run.h5"
-    argv = ["mine", corpus, "--out", out, "--model", tiny_model, *MINE_ARGS, "-j", "0"]
-    # room for the checkpoint (~0.3 MB) and the second pass's scratch arrays, not the result
-    assert os.path.getsize(ref) > 600_000
-    p = _popen(argv, preexec_fn=_file_size_limit(500_000))
+    argv = ["mine", corpus, "--out", out, "--model", tiny_model, *args, "-j", "0"]
+    # room for the checkpoint and the second pass's scratch arrays, not the result
+    assert os.path.getsize(ref) > 380_000
+    p = _popen(argv, preexec_fn=_file_size_limit(350_000))
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "cannot write" in err and "File too large" in err and "disk is full" in err, err
     assert f"{out}.ckpt" in err and "--resume" in err, err
-    assert _leftovers(tmp_path) == ["run.h5.ckpt"]
+    assert _leftovers(tmp_path, "ref") == ["run.h5.ckpt"]
     assert store.load_checkpoint(f"{out}.ckpt")["cursor"] == len(os.listdir(corpus))
     assert cli.main([str(a) for a in argv] + ["--resume"]) == 0  # space is back
-    assert _leftovers(tmp_path) == ["run.h5"]
+    assert _leftovers(tmp_path, "ref") == ["run.h5"]
     assert_same_file(ref, out)
 
 
@@ -711,10 +718,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, fault_corpus, tiny_model
 def test_weights_file_that_runs_code_is_refused(tmp_path, tiny_model, capsys):
     weights, marker = tmp_path / "w.pt", tmp_path / "pwned"
     torch.save({"conv1.weight": _RunsCode(marker)}, weights)
-    assert cli.main(["layers", tiny_model, "--weights", str(weights), "--input-size", "64"]) == 2
+    # `layers` reads no weights (the table is the architecture's): `filters` loads them
+    argv = ["filters", tiny_model, "--weights", str(weights), "--out", str(tmp_path / "f.png")]
+    assert cli.main([*argv, "--input-size", "64"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "patchmine layers: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
+    assert "patchmine filters: error: checkpoint" in lines[0] and str(weights) in lines[0], lines
     assert re.search(r"refused: it names (builtins\.)?exec\b", lines[0]), lines
     assert not marker.exists()
 
@@ -726,7 +735,7 @@ def test_output_checks_before_any_work(tmp_path, tiny_model, monkeypatch):
     for out, match in [
         (tmp_path / "exists.h5", "output exists"),
         (tmp_path, "is a folder"),
-        (tmp_path / "missing" / "r.h5", "does not exist"),
+        (tmp_path / "exists.h5" / "missing" / "r.h5", "cannot create output folder"),
     ]:
         with pytest.raises(UsageError, match=match):
             _mine([tmp_path], out, tiny_model)
