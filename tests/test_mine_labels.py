@@ -379,3 +379,16 @@ def test_image_max_leaves_nan_out_on_either_path():
     flat = a[:, :, 0, 0].contiguous()  # (N, C) nodes
     torch.testing.assert_close(_image_max(flat, None), _image_max(flat, reduce_maps(flat)),
                                equal_nan=True, rtol=0, atol=0)  # fmt: skip
+
+
+def test_min_inside_bars_units_from_the_bottom_k_too(tmp_path, labelled, tiny_model):
+    out = tmp_path / "inside.h5"
+    mine([labelled], out, **settings(tiny_model, min_inside=0.8))
+    ref, _ = brute_force(tiny_model, LAYERS, 64, labelled, 4, 1, min_inside=0.8, bottom=True)
+    with patchmine.open(out) as r:
+        for n in LAYERS:
+            score, image, yx, _ = ref[n]
+            b = r.layer(n).bottom
+            assert np.array_equal(b.score, score, equal_nan=True), n
+            assert np.array_equal(b.image, image), n
+            assert np.array_equal(b.yx[image >= 0], yx[image >= 0]), n
