@@ -376,7 +376,8 @@ class ClassMeans:
         if not isinstance(other, ClassMeans):
             raise TypeError(f"can only merge a ClassMeans, got {type(other).__name__}")
         self._check_same(other.channels, other.labels, "the other ClassMeans")
-        self.count += other.count.to(self.device)
+        # out of place: `add` may have made count under torch.inference_mode (a torchrun merge)
+        self.count = self.count + other.count.to(self.device)
         self._sum.merge(other._sum)
 
     def sums(self) -> torch.Tensor:

@@ -40,6 +40,12 @@ class LayerPlan:
     score: np.ndarray  # (C, k) float32
     image: np.ndarray  # (C, k) int64, -1 unused
     yx: np.ndarray  # (C, k, 2) int32
+    bottom: bool = False  # the layer's bottom-k (``--bottom-k``): stored under ``bottom/``
+
+    @property
+    def key(self) -> str:
+        """Where the second pass puts this plan's patches: the node name, or NAME/bottom."""
+        return f"{self.name}/bottom" if self.bottom else self.name
 
 
 def _windows(
@@ -212,9 +218,10 @@ def second_pass(
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
 
     Returns:
-        node -> (patch (C, k, P', P', 3) uint8, heat (C, k, H, W) float16) as :class:`Scratch`
-        arrays (files in ``scratch`` when large). P' is the patch size, or the box size when the
-        box is smaller.
+        plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
+        heat (C, k, H, W) float16) as :class:`Scratch` arrays (files in ``scratch`` when large).
+        P' is the patch size, or the box size when the box is smaller. Every winner image of every
+        plan (bottom-k ones included) is re-forwarded once, and every entry's score verified.
     """
     device = torch.device(device)
     out: dict[str, tuple[Scratch, Scratch]] = {}
@@ -224,7 +231,7 @@ def second_pass(
         c, k = p.score.shape
         rh, rw = p.field.size
         ph, pw = (p.patch_size, p.patch_size) if max(rh, rw) > p.patch_size else (rh, rw)
-        safe = p.name.replace(os.sep, "_")
+        safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
         patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         flat = p.image.reshape(-1)
@@ -232,10 +239,10 @@ def second_pass(
         if len(unused):  # empty slots: fill
             color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
             patch.put(unused, color)
-        out[p.name] = (patch, heat)
+        out[p.key] = (patch, heat)
         entries = np.flatnonzero(flat >= 0)
         order = entries[np.argsort(flat[entries], kind="stable")]
-        owners[p.name] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
+        owners[p.key] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
         winners.update(np.unique(flat[entries]).tolist())
     ids = sorted(winners)
     if not ids:
@@ -250,7 +257,7 @@ def second_pass(
     def fill_batch(acts: dict[str, torch.Tensor], index: np.ndarray, pixels_cpu: torch.Tensor):
         # a function, so that no name holds the activations into the next batch's forward
         for p in plans:
-            img_sorted, entry = owners[p.name]
+            img_sorted, entry = owners[p.key]
             lo = np.searchsorted(img_sorted, index[0], side="left")
             hi = np.searchsorted(img_sorted, index[-1], side="right")
             if hi <= lo:
@@ -269,11 +276,11 @@ def second_pass(
             if not np.all(diff <= tol):
                 j = int(np.argmax(diff))
                 raise ScoreMismatch(
-                    f"layer {p.name} channel {int(ch[j])}: image {corpus.file(int(index[row[j]]))} "
+                    f"layer {p.key} channel {int(ch[j])}: image {corpus.file(int(index[row[j]]))} "
                     f"now gives {got[j]:.6g}, the first pass gave {want[j]:.6g}; the file changed "
                     "or the model is not deterministic"
                 )
-            patch, heat = out[p.name]
+            patch, heat = out[p.key]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels

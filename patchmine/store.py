@@ -1,7 +1,8 @@
 """Result files (HDF5 schema version 2) and checkpoints: the only module that touches h5py.
 
-Public names: FORMAT, VERSION, LayerData, layer_data, run_attrs, image_table, write_result, Result,
-LayerResult, open_result, save_checkpoint, load_checkpoint, load_plain, check_writable, WriteError.
+Public names: FORMAT, VERSION, LayerData, layer_data, class_state_arrays, label_table, run_attrs,
+image_table, write_result, Result, LayerResult, open_result, save_checkpoint, load_checkpoint,
+load_plain, check_writable, WriteError.
 
 Every write is atomic: data goes to a temporary file beside the target, which is renamed over it only
 when complete, so a reader sees a whole file or none.
@@ -37,6 +38,8 @@ __all__ = [
     "VERSION",
     "LayerData",
     "layer_data",
+    "class_state_arrays",
+    "label_table",
     "run_attrs",
     "image_table",
     "write_result",
@@ -66,7 +69,9 @@ class LayerData:
     """Everything one layer contributes to a result file.
 
     ``patch`` (C, k, P, P, 3) uint8 and ``heat`` (C, k, H, W) float16 may be memory maps: they are
-    copied one channel at a time.
+    copied one channel at a time. v2, each optional: ``bottom`` the bottom-k entries (a LayerData
+    whose attrs and statistics are not written), ``class_mean`` (C, L), ``selectivity`` (C,) and
+    ``class_state`` (`class_state_arrays`, what merge and resume need).
     """
 
     attrs: dict
@@ -79,6 +84,28 @@ class LayerData:
     heat: np.ndarray
     stats: dict[str, np.ndarray]
     stats_state: dict[str, np.ndarray] = field(default_factory=dict)
+    bottom: LayerData | None = None
+    class_mean: np.ndarray | None = None
+    selectivity: np.ndarray | None = None
+    class_state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def class_state_arrays(state: dict) -> dict[str, np.ndarray]:
+    """A `patchmine.labels.ClassMeans` state dict as the arrays ``class_state/`` holds (scalars
+    as 0-d arrays); ``LayerResult.class_state`` reads them back in the same form."""
+    out = {}
+    for key, v in state.items():
+        v = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+        out[key] = v.astype(np.int64) if v.dtype.kind in "iub" else v
+    return out
+
+
+def label_table(names: list[str], label: np.ndarray, ok: np.ndarray) -> dict:
+    """``/labels`` of a file holding images with ``label`` (-1: none) and ``ok`` (decoded):
+    ``names`` and ``count``, the decoded images of each label (those its class means average)."""
+    lab = np.asarray(label, np.int64)
+    used = lab[(lab >= 0) & np.asarray(ok, bool)]
+    return {"names": list(names), "count": np.bincount(used, minlength=len(names)).astype(np.int64)}
 
 
 def layer_data(
@@ -202,12 +229,14 @@ def run_attrs(
 
 def image_table(corpus: Corpus, records: dict, rows: range) -> dict:
     """``/images`` for the corpus images ``rows``: paths and roots from the corpus, the rest from
-    ``records`` (``shape``, ``ok``, ``transform``, ``error``, one entry per corpus image)."""
+    ``records`` (``shape``, ``ok``, ``transform``, ``error``, and ``label`` with --labels, one
+    entry per corpus image)."""
     sl = slice(rows.start, rows.stop)
+    keys = ("shape", "ok", "transform", "error") + (("label",) if "label" in records else ())
     return {
         "path": list(corpus.paths[sl]),
         "root": np.asarray(corpus.root_index[sl]),
-        **{key: records[key][sl] for key in ("shape", "ok", "transform", "error")},
+        **{key: records[key][sl] for key in keys},
     }
 
 
@@ -326,14 +355,16 @@ def write_result(
     images: dict[str, np.ndarray],
     layers: dict[str, LayerData],
     should_stop: Callable[[], bool] = lambda: False,
+    labels: dict | None = None,
 ) -> Path:
     """Write a complete result file atomically.
 
     Args:
         attrs: root attributes (format and version are added).
         images: ``path`` (N,) str, ``root`` (N,) int16, ``shape`` (N,2), ``ok`` (N,), ``transform``
-            (N,4), ``error`` (N,) str.
+            (N,4), ``error`` (N,) str; with labels also ``label`` (N,) int32.
         layers: node name -> LayerData.
+        labels: `label_table` (``/labels/names`` and ``/labels/count``), with --labels.
         should_stop: checked between channels; when true, the write is abandoned (nothing appears
             at ``path``) and KeyboardInterrupt raised.
 
@@ -349,7 +380,7 @@ def write_result(
             f = h5py.File(tmp, "w", libver=("v108", "v110"))
             fd = f.id.get_vfd_handle()
             try:
-                _write_file(f, attrs, images, layers, should_stop)
+                _write_file(f, attrs, images, layers, should_stop, labels)
                 f.flush()  # a full disk shows here, while the file can still be abandoned cleanly
                 f.close()
             except BaseException:
@@ -388,7 +419,7 @@ def _abandon(f: h5py.File, fd: int, tmp: Path) -> bool:
     return True
 
 
-def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
+def _write_file(f: h5py.File, attrs, images, layers, should_stop, labels=None) -> None:
     from patchmine.corpus import printable  # corpus pulls in torch: only writers pay for it
 
     _set_attrs(f, {"format": FORMAT, "version": VERSION, **attrs})
@@ -402,9 +433,16 @@ def _write_file(f: h5py.File, attrs, images, layers, should_stop) -> None:
         "transform", data=transform if transform.ndim == 2 else transform.reshape(-1, 4)
     )
     g.create_dataset("error", data=[printable(e) for e in images["error"]], dtype=_STR)
+    if "label" in images:
+        g.create_dataset("label", data=np.asarray(images["label"], dtype=np.int32))
+    if labels is not None:
+        lab = f.create_group("labels")
+        lab.create_dataset("names", data=[printable(n) for n in labels["names"]], dtype=_STR)
+        lab.create_dataset("count", data=np.asarray(labels["count"], dtype=np.int64))
     size = attrs.get("input_size")
     shared = _shared_patches(layers)
-    thumbs = _write_thumbs(f, [layers[n] for n in shared], should_stop) if shared else None
+    with_bottom = [d for n in shared for d in (layers[n], layers[n].bottom) if d is not None]
+    thumbs = _write_thumbs(f, with_bottom, should_stop) if shared else None
     lg = f.create_group("layers")
     for name, d in layers.items():
         ids = thumbs if name in shared else None
@@ -481,10 +519,13 @@ def _write_layer(
     thumbs: np.ndarray | None,
     size: int | None,
     should_stop=lambda: False,
+    entries: bool = False,
 ) -> None:
-    """One layer; with ``thumbs`` (the ``/thumbs/image`` ids) its patches as ``patch_ref``."""
-    share = _border_share(d, size)
-    _set_attrs(g, {**d.attrs, **({} if share is None else {"border_share": share})})
+    """One layer; with ``thumbs`` (the ``/thumbs/image`` ids) its patches as ``patch_ref``;
+    ``entries``: only the entry datasets (``bottom/``)."""
+    if not entries:
+        share = _border_share(d, size)
+        _set_attrs(g, {**d.attrs, **({} if share is None else {"border_share": share})})
     g.create_dataset("score", data=np.asarray(d.score, dtype=np.float32))
     image = np.asarray(d.image, dtype=np.int64)
     g.create_dataset("image", data=image)
@@ -514,6 +555,16 @@ def _write_layer(
         if patch is not None:
             patch[ch] = d.patch[ch]
         heat[ch] = d.heat[ch]
+    if entries:
+        return
+    if d.bottom is not None:
+        _write_layer(g.create_group("bottom"), d.bottom, thumbs, size, should_stop, entries=True)
+    if d.class_mean is not None:
+        g.create_dataset("class_mean", data=np.asarray(d.class_mean, dtype=np.float32))
+        g.create_dataset("selectivity", data=np.asarray(d.selectivity, dtype=np.float32))
+        cs = g.create_group("class_state")
+        for key, value in d.class_state.items():
+            cs.create_dataset(key, data=np.asarray(value))
     s = g.create_group("stats")
     for key, value in d.stats.items():
         if key == "q":
@@ -613,13 +664,24 @@ class LayerResult:
         out["q"] = s["quantile"].attrs["q"]
         return out
 
+    def class_state(self) -> dict[str, np.ndarray]:
+        """The mergeable class-mean state (v2 ``class_state/``, what `patchmine merge` combines;
+        `patchmine.labels.ClassMeans.from_state_dict` takes it), or {} without labels."""
+        g = self._layer_g
+        return {k: v[()] for k, v in g["class_state"].items()} if "class_state" in g else {}
+
     def stats_state(self) -> dict[str, np.ndarray]:
         """The mergeable statistics state (what `patchmine merge` combines)."""
         s = self._g["stats"]
         return {k: v[()] for k, v in s["state"].items()} if "state" in s else {}
 
     def records(self, channel: int) -> list[dict]:
-        """The used top-k slots of one channel, best first, as plain dicts."""
+        """The used top-k slots of one channel, best first (of a ``bottom`` LayerResult: most
+        negative first), as plain dicts: rank, score, image, path, yx, box, box_orig, and
+        ``label`` (the image's label name, None without one) and ``channel_name`` (None where
+        the layer has no channel names)."""
+        labels, names = self.result.image_label, self.result.label_names
+        cnames = self.channel_names
         out = []
         for slot in range(self.k):
             i = int(self.image[channel, slot])
@@ -634,6 +696,12 @@ class LayerResult:
                     "yx": tuple(int(v) for v in self.yx[channel, slot]),
                     "box": tuple(int(v) for v in self.box[channel, slot]),
                     "box_orig": tuple(float(v) for v in self.box_orig[channel, slot]),
+                    "label": (
+                        names[int(labels[i])]
+                        if labels is not None and names is not None and labels[i] >= 0
+                        else None
+                    ),
+                    "channel_name": cnames[channel] if cnames else None,
                 }
             )
         return out

@@ -77,9 +77,13 @@ def inside_by_pixels(field, fmap_hw, size: int) -> np.ndarray:
     return out
 
 
-def brute_force(model, layers, size, corpus_dir, k, per_image, min_inside=None):
+def brute_force(model, layers, size, corpus_dir, k, per_image, min_inside=None, bottom=False):
     """Every activation of every image, sorted by hand: the reference the file must equal (with
-    ``min_inside``, over the units whose box has at least that share inside the input)."""
+    ``min_inside``, over the units whose box has at least that share inside the input).
+
+    With ``bottom`` the k most negative entries (``--bottom-k``), ascending, under the same rules.
+    """
+    sign = -1.0 if bottom else 1.0  # rank by sign * activation, best first
     lm = load_model(model, "none", size)
     corpus = discover([corpus_dir])
     ds = CorpusDataset(corpus, size)
@@ -111,17 +115,17 @@ def brute_force(model, layers, size, corpus_dir, k, per_image, min_inside=None):
             entries = []
             for row, img in enumerate(index):
                 flat = a[row, ch].reshape(-1)
-                order = sorted(np.flatnonzero(allowed), key=lambda j, f=flat: (-f[j], j))
+                order = sorted(np.flatnonzero(allowed), key=lambda j, f=flat: (-sign * f[j], j))
                 kept: list[int] = []
                 for j in order:
                     if len(kept) == per_image:
                         break
                     if all(_iou(loc_boxes[j], loc_boxes[q]) <= 0.5 for q in kept):
                         kept.append(j)
-                entries += [(-float(flat[j]), img, j) for j in kept]
+                entries += [(-sign * float(flat[j]), img, j) for j in kept]
             entries.sort()
-            for slot, (neg, img, j) in enumerate(entries[:k]):
-                score[ch, slot], image[ch, slot] = -neg, img
+            for slot, (key, img, j) in enumerate(entries[:k]):
+                score[ch, slot], image[ch, slot] = -sign * key, img
                 yx[ch, slot] = divmod(j, w)
         ref[n] = (score, image, yx, a)
     return ref, fields
