@@ -11,7 +11,8 @@ positions: a late layer's top-9 montage then visibly groups one subject, an earl
 texture or edge. Nothing is downloaded; photographs a scikit-image release lacks are skipped.
 
 The crops are 224 x 224 JPEGs, exactly the demo's input size, so they pass through preprocessing
-without resampling. Building is fast (a few seconds) and idempotent: a file is rewritten only when
+without resampling. Each crop's label is its source photograph: ``sk_labels.csv`` beside them
+(``path,label`` rows, for ``patchmine mine --labels``; 15 labels, the two motorcycle views apart). Building is fast (a few seconds) and idempotent: a file is rewritten only when
 its bytes would change, and files the recipe no longer makes are removed, so mtimes stay put and a
 pipeline that depends on the corpus is not re-run for nothing. The output is a pure function of the
 scikit-image photographs and Pillow's resampling and JPEG encoder.
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps
 SIDE = 224
 QUALITY = 90
 PREFIX = "sk_"  # every file the recipe writes starts with this; others in OUT are left alone
+LABELS = f"{PREFIX}labels.csv"  # path,label: each crop's source photograph
 
 # (file in skimage/data, name used in the corpus)
 PHOTOS = [
@@ -91,6 +93,7 @@ def build(out: Path, quiet: bool = False) -> list[Path]:
     src = skimage_data_dir()
     out.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, bytes] = {}
+    label_rows = ["path,label"]
     found = []
     for fname, name in PHOTOS:
         path = src / fname
@@ -104,8 +107,11 @@ def build(out: Path, quiet: bool = False) -> list[Path]:
             if i % 2:  # every other crop mirrored: varied, but never a crop and its mirror image
                 tile, tag = ImageOps.mirror(tile), tag + "_m"
             wanted[f"{PREFIX}{name}_{tag}.jpg"] = encode(tile)
+            label_rows.append(f"{PREFIX}{name}_{tag}.jpg,{name}")
     if len(found) < 5:
         raise SystemExit(f"demo_corpus: only {len(found)} scikit-image photographs found in {src}")
+    images = sorted(out / f for f in wanted)
+    wanted[LABELS] = ("\n".join(label_rows) + "\n").encode()
     written = 0
     for fname, data in wanted.items():
         path = out / fname
@@ -122,8 +128,8 @@ def build(out: Path, quiet: bool = False) -> list[Path]:
         state = "up to date" if not written and not stale else f"{written} written"
         if stale:
             state += f", {len(stale)} stale removed"
-        print(f"demo corpus: {len(wanted)} images from {len(found)} photographs in {out} ({state})")
-    return sorted(out / f for f in wanted)
+        print(f"demo corpus: {len(images)} images from {len(found)} photographs in {out} ({state})")
+    return images
 
 
 def main(argv: list[str] | None = None) -> int:

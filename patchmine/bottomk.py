@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from patchmine.maps import Maps
 from patchmine.topk import TopK
 
 __all__ = ["BottomK"]
@@ -55,8 +56,34 @@ class BottomK:
 
     def add(self, acts: torch.Tensor, image_index: torch.Tensor) -> None:
         """Offer a batch of activations: (N, C, H, W) or (N, C), and (N,) int64 corpus indices
-        (as `TopK.add`)."""
-        self._top.add(acts.neg(), image_index)
+        (as `TopK.add`).
+
+        On CPU the batch is not negated whole: one ``amin`` per map gives the negated maxima
+        (NaN left out, as `patchmine.maps.map_max` does), and only the maps that can enter
+        (``TopK._candidates``, the maps TopK then reads) are negated for it to locate.
+        """
+        top = self._top
+        if top._sync_free or acts.dim() not in (2, 4) or acts.shape[0] == 0:
+            top.add(acts.neg(), image_index)
+            return
+        N, C = acts.shape[:2]
+        x = acts.detach().reshape(N * C, -1)
+        low = x.amin(1).float()  # propagates NaN
+        nan = torch.isnan(low)
+        has_nan = bool(nan.any())
+        if has_nan:  # rare: the min of the other values; +inf (never enters) for none
+            rows = nan.nonzero().squeeze(1)
+            inf = float("inf")
+            low[rows] = x[rows].float().nan_to_num(nan=inf, posinf=inf, neginf=-inf).amin(1)
+        high = low.neg_().view(N, C)  # the maxima of -acts
+        need = top._candidates(high, image_index.to(torch.int64) * (x.shape[1]))
+        if 2 * need.numel() >= N * C:
+            neg = x.neg()
+        else:
+            neg = torch.empty_like(x)  # rows TopK does not read stay unset
+            neg[need] = x[need].neg()
+        maps = Maps(high, None, None, None, None, None, has_nan)  # TopK reads max and nan only
+        top.add(neg.view(acts.shape), image_index, maps)
 
     def merge(self, other: BottomK) -> None:
         """Fold another collector of the same node into this one, in place (associative and
@@ -110,6 +137,38 @@ class BottomK:
             device=device,
         )
         bk.load_state_dict(sd)
+        return bk
+
+    @classmethod
+    def from_result(
+        cls,
+        score,
+        image,
+        yx,
+        *,
+        per_image: int = 1,
+        fmap_hw: tuple[int, int] = (1, 1),
+        rf_size: tuple[int, int] = (1, 1),
+        rf_stride: tuple[int, int] = (1, 1),
+        device="cpu",
+    ) -> BottomK:
+        """A collector that holds a stored bottom-k (a file's ``bottom/`` score, image, yx).
+
+        Args:
+            score: (C, k) float32 ascending, image: (C, k) int64 (-1 unused), yx: (C, k, 2);
+                numpy arrays or tensors. The rest as for the constructor.
+        """
+        bk = cls.__new__(cls)
+        bk._top = TopK.from_result(
+            torch.as_tensor(score).neg(),
+            image,
+            yx,
+            per_image=per_image,
+            fmap_hw=fmap_hw,
+            rf_size=rf_size,
+            rf_stride=rf_stride,
+            device=device,
+        )
         return bk
 
     def to(self, device) -> BottomK:

@@ -89,6 +89,17 @@ def _at_least(minimum: int):
 _positive, _nonneg = _at_least(1), _at_least(0)
 
 
+def _fraction(value: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value!r}")
+    return f
+
+
 def _model_args(
     p: argparse.ArgumentParser, positional: bool = False, weights_help: str | None = None
 ) -> None:
@@ -181,6 +192,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
+            labels=args.labels, channel_names=args.channel_names, bottom_k=args.bottom_k,
+            min_inside=args.min_inside,
             jpeg_draft=args.jpeg_draft, projection=args.projection,
         )
     except KeyboardInterrupt as e:
@@ -266,7 +279,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{r.path}: patchmine result, schema version {a['version']}")
         resize = f" (resize {a['resize']})" if "resize" in a else ""
         print(f"  model      {a['model']}  weights={a['weights']}  input={a['input_size']}{resize}")
-        print(f"  top-k      k={a['k']}  per_image={a['per_image']}")
+        inside = f"  min_inside={a['min_inside']:g}" if "min_inside" in a else ""
+        bottom = "  bottom-k too" if a.get("bottom_k") else ""
+        print(f"  top-k      k={a['k']}  per_image={a['per_image']}{inside}{bottom}")
         print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
               + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
                           else [a["corpus_roots"]]))
@@ -278,21 +293,63 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  allocator  {a['allocator']}")
         if "projection" in a:
             print(f"  projection {a['projection']} (per entry, beside each patch)")
-        print("  layers")
+        names = r.label_names
+        if names is not None:
+            count = r.file["labels"]["count"][()]
+            unlabelled = int((r.image_label < 0).sum())
+            shown = ", ".join(f"{n} {c}" for n, c in zip(names[:8], count[:8], strict=False))
+            more = f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
+            print(f"  labels     {len(names)} from {a.get('labels', '?')}; images per label: "
+                  f"{shown}{more}; {unlabelled} unlabelled")
+        print("  layers     (border: the share of kept entries whose field crosses the input edge)")
         for name in r.layers:
             lr = r.layer(name)
             la = lr.attrs
             fh = "x".join(str(v) for v in la["fmap_hw"])
             rf = "whole input" if la.get("rf_whole") else (
                 f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
+            share = la.get("border_share")  # NaN for a layer without entries
+            edge = "" if share is None or share != share else f"  border {100 * share:.0f}%"
             node = la.get("node", name)
             node = f"  (node {node})" if node != name else ""
-            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px{node}")
+            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
+                  f"{edge}{node}")
+            for line in _layer_notes(lr, names):
+                print(f"      {line}")
         fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
                                             strict=True) if not ok]
         for p, e in fails[:10]:
             print(f"  unreadable {p}: {e}")
     return 0
+
+
+def _channel_title(c: int, names: Sequence[str] | None) -> str:
+    """"channel 967 - espresso" where the layer has channel names, else "channel 967"."""
+    return f"channel {c} - {names[c]}" if names else f"channel {c}"
+
+
+def _layer_notes(lr, label_names: Sequence[str] | None) -> list[str]:
+    """`info`'s lines on a layer's channel names and class selectivity."""
+    import numpy as np
+
+    cnames = lr.channel_names
+    lines = []
+    if cnames:
+        ends = ", ".join(_channel_title(c, cnames) for c in (0, 1))
+        lines.append(f"channel names: {ends}, ..., {_channel_title(len(cnames) - 1, cnames)}")
+    sel, mean = lr.selectivity, lr.class_mean
+    if sel is not None and label_names is not None:
+        ok = ~np.isnan(sel)
+        if ok.any():
+            c = int(np.argmax(np.where(ok, sel, -np.inf)))
+            best = label_names[int(np.argmax(np.where(np.isnan(mean[c]), -np.inf, mean[c])))]
+            lines.append(
+                f"selectivity median {np.median(sel[ok]):.3f}, max {sel[c]:.3f} at "
+                f"{_channel_title(c, cnames)} (prefers {best!r}); {int((~ok).sum())} undefined"
+            )
+        else:
+            lines.append("selectivity undefined on every channel (fewer than two labels?)")
+    return lines
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -377,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
     p.add_argument("--patch-size", type=_positive, default=96,
                    help="largest stored patch side; larger fields are resampled (default 96)")
+    p.add_argument("--min-inside", type=_fraction, default=None, metavar="F",
+                   help="only units whose field has at least fraction F (0 < F <= 1) inside the "
+                   "input compete: leaves out border units that padding drives (default: all)")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
                         "(faster; pixels close to, not equal to, a full decode)")
@@ -388,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save progress every N batches (default 50; 0 never)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="mine only slice I of N (merge the shard files with `patchmine merge`)")
+    p.add_argument("--labels", default=None, metavar="folder|FILE.csv",
+                   help="image labels: 'folder' (ROOT/CLASS/IMAGE) or a CSV of path,label rows; "
+                   "stores per-channel class means and selectivity")
+    p.add_argument("--channel-names", default=None, metavar="FILE.txt",
+                   help="names of the channels (one per line) of layers with as many channels")
+    p.add_argument("--bottom-k", action="store_true",
+                   help="also keep each channel's k most negative activations (bottom/)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_mine)

@@ -6,9 +6,10 @@ Under ``torchrun`` (env ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) every process 
 team. Rank r streams the r-th contiguous slice ``r * n // W : (r + 1) * n // W`` of the corpus (of
 the shard, with ``--shard``) into its own collectors, with its own checkpoint. Then:
 
-1. ``combine``: the collector states, statistics states and image records of every rank are
-   gathered on rank 0 and merged there (``TopK.merge`` / ``RunningStats.merge``: the exact tie rule
-   holds across ranks); the merged winners (channels x k per layer) are broadcast to every rank.
+1. ``combine``: the collector states (top-k, bottom-k, class means), statistics states and image
+   records of every rank are gathered on rank 0 and merged there (``TopK.merge`` /
+   ``RunningStats.merge`` / ``ClassMeans.merge``: the exact tie rule holds across ranks); the merged
+   winners (channels x k per layer, top and bottom) are broadcast to every rank.
 2. ``own``: the distinct winner images, sorted, are dealt round-robin to the ranks; each rank
    re-forwards only its own and cuts their patches and heat maps.
 3. ``collect``: the patches and heat maps are gathered on rank 0 in chunks of bounded size, and rank
@@ -97,11 +98,15 @@ class Team:
         if self.leader:
             for part in parts[1:]:
                 miner.absorb(part)
-            winners[0] = {n: c.state_dict() for n, c in miner.topk.items()}
+            winners[0] = {
+                "topk": {n: c.state_dict() for n, c in miner.topk.items()},
+                "bottom": {n: c.state_dict() for n, c in miner.bottom.items()},  # --bottom-k
+            }
         dist.broadcast_object_list(winners, src=0, group=self.group)
         if not self.leader:
-            for n, c in miner.topk.items():
-                c.load_state_dict(winners[0][n])
+            for kind in ("topk", "bottom"):
+                for n, c in getattr(miner, kind).items():
+                    c.load_state_dict(winners[0][kind][n])
 
     def own(self, plans: list[LayerPlan]) -> list[LayerPlan]:
         """The plans restricted to this rank's winner images (the others' entries unused: -1).
@@ -124,12 +129,12 @@ class Team:
 
         Args:
             own: this rank's plans, as returned by :meth:`own`.
-            cut: node -> (patch (C, k, P, P, 3), heat (C, k, H, W), projection (C, k, P, P, 3)
+            cut: plan key -> (patch (C, k, P, P, 3), heat (C, k, H, W), projection (C, k, P, P, 3)
                 or None) as the second pass filled them from ``own``; on rank 0 the other ranks'
                 entries are written into them (in place).
         """
         for p in own:
-            patch, heat, proj = cut[p.name]
+            patch, heat, proj = cut[p.key]
             n = p.image.size
             per_entry = np.prod(patch.shape[2:]) + 2 * np.prod(heat.shape[2:])
             if proj is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from patchmine.errors import UsageError
+from patchmine.exact import NORMALIZE_AT, ExactSum
 
 __all__ = [
     "FOLDER",
@@ -290,35 +291,19 @@ def layer_channel_names(
 
 # ------------------------------------------------------------------------------------ ClassMeans
 _VERSION = 1
-_LIMB_BITS = 32
-_LIMBS = 9  # a float32 is an integer multiple of 2^-149 below 2^277: 9 limbs of 32 bits
-_UNIT = -149  # log2 of the fixed-point unit
-_NORMALIZE_AT = 1 << 30  # images added between carries: each adds < 2^32 to a limb (int64 < 2^63)
-_POS_INF, _NEG_INF, _NAN = 0, 1, 2  # rows of the non-finite counts
-
-
-def _normalize(limbs: torch.Tensor) -> torch.Tensor:
-    """Carry (n, ...) int64 limbs so that all but the last lie in [0, 2^32); the last is signed."""
-    limbs = limbs.clone()
-    for j in range(limbs.shape[0] - 1):
-        carry = limbs[j] >> _LIMB_BITS  # floor division by 2^32
-        limbs[j] -= carry << _LIMB_BITS
-        limbs[j + 1] += carry
-    return limbs
+_NORMALIZE_AT = NORMALIZE_AT  # images added between carries (read when an accumulator is made)
 
 
 class ClassMeans:
     """Per channel and label, the mean of each image's maximum activation; exact and mergeable.
 
-    A float32 value is an integer multiple of 2^-149 below 2^277, so the sum of any number of
-    them is an integer in that unit. It is kept exactly in nine signed 32-bit limbs per (channel,
-    label), each in an int64 (carried every 2^30 images, so they never overflow); only the limbs
-    that values have reached are allocated (about three for activations between 1e-3 and 1e3).
-    Integer addition is associative, so the state is a pure function of the multiset of (label,
-    values) added: any batching, order, resume or merge of shards gives the same state and
-    result, bit for bit, on any device. +inf, -inf and NaN are counted apart: a class mean is NaN
-    if its images include a NaN (or both infinities), else +-inf if they include one. Images with
-    label -1 are left out.
+    The sums are kept exactly by a `patchmine.exact.ExactSum` per (channel, label): integers in
+    units of 2^-149 in nine signed 32-bit limbs (only the limbs values have reached are allocated,
+    about three for activations between 1e-3 and 1e3). Integer addition is associative, so the
+    state is a pure function of the multiset of (label, values) added: any batching, order,
+    resume or merge of shards gives the same state and result, bit for bit, on any device. +inf,
+    -inf and NaN are counted apart: a class mean is NaN if its images include a NaN (or both
+    infinities), else +-inf if they include one. Images with label -1 are left out.
 
     Args:
         channels: C.
@@ -339,24 +324,9 @@ class ClassMeans:
         self.device = torch.device(device)
         C, L = self.channels, self.labels
         self.count = torch.zeros(L, dtype=torch.int64, device=self.device)
-        self._limbs = torch.zeros(0, C, L, dtype=torch.int64, device=self.device)
-        self._first = 0  # limb index of self._limbs[0]
-        self._nonfinite = torch.zeros(0, C, L, dtype=torch.int64, device=self.device)
-        self._since_carry = 0
+        self._sum = ExactSum((C, L), self.device, carry_at=_NORMALIZE_AT)
 
     # -------------------------------------------------------------------------- accumulate
-    def _cover(self, lo: int, hi: int) -> None:
-        """Grow the allocated limbs to cover limb indices [lo, hi)."""
-        n = self._limbs.shape[0]
-        if n == 0:
-            self._first, n = lo, 0
-        lo, hi = min(lo, self._first), max(hi, self._first + n)
-        if (lo, hi) == (self._first, self._first + n):
-            return
-        grown = torch.zeros(hi - lo, *self._limbs.shape[1:], dtype=torch.int64, device=self.device)
-        grown[self._first - lo : self._first - lo + n] = self._limbs
-        self._limbs, self._first = grown, lo
-
     def add(self, per_image_max: torch.Tensor, label: torch.Tensor) -> None:
         """Add a batch of images.
 
@@ -387,51 +357,8 @@ class ClassMeans:
         if n == 0:
             return
         self.count += torch.bincount(label, minlength=L)
-        if self._since_carry + n > _NORMALIZE_AT:
-            self._carry()
-        self._since_carry += n
-
-        bits = v.view(torch.int32).to(torch.int64)
-        exp = (bits >> 23) & 0xFF
-        mant = bits & 0x7FFFFF
         cell = torch.arange(C, device=self.device) * L + label[:, None]  # (n, C): c * L + l
-        finite = exp != 0xFF
-        if not bool(finite.all()):
-            self._count_nonfinite(bits, mant, cell, ~finite)
-        mant = mant | ((exp > 0).long() << 23)  # the implicit bit of normal numbers
-        mant = mant.masked_fill_(~finite, 0)  # counted apart
-        shift = exp.clamp(min=1) - 1  # value = mant * 2^(shift + _UNIT), shift in [0, 253]
-        limb = shift >> 5
-        scaled = mant << (shift & 31)  # < 2^55: its low and high 32 bits go to limb, limb + 1
-        neg = bits < 0
-        lo = torch.where(neg, -(scaled & 0xFFFFFFFF), scaled & 0xFFFFFFFF)
-        hi = torch.where(neg, -(scaled >> 32), scaled >> 32)
-        used = limb[mant != 0]
-        if used.numel() == 0:
-            return
-        lowest, highest = int(used.min()), int(used.max())
-        self._cover(lowest, highest + 2)
-        limb = limb.clamp_(lowest, highest)  # zeros (which add nothing) into an allocated limb
-        flat = self._limbs.view(-1)
-        base = (limb - self._first) * (C * L) + cell
-        flat.index_add_(0, base.reshape(-1), lo.reshape(-1))
-        flat.index_add_(0, (base + C * L).reshape(-1), hi.reshape(-1))
-
-    def _count_nonfinite(self, bits, mant, cell, bad) -> None:
-        if self._nonfinite.shape[0] == 0:
-            self._nonfinite = torch.zeros(
-                3, self.channels, self.labels, dtype=torch.int64, device=self.device
-            )
-        kind = torch.where(mant != 0, _NAN, torch.where(bits < 0, _NEG_INF, _POS_INF))
-        idx = kind * (self.channels * self.labels) + cell
-        self._nonfinite.view(-1).index_add_(0, idx[bad], torch.ones_like(idx[bad]))
-
-    def _carry(self) -> None:
-        """Carry the limbs into canonical form (it also makes room: limbs below 2^32 again)."""
-        if self._limbs.shape[0]:
-            self._cover(self._first, _LIMBS)
-            self._limbs = _normalize(self._limbs)
-        self._since_carry = 0
+        self._sum.add(v, cell, per_cell=n)
 
     # ------------------------------------------------------------------------ combine, read out
     def _check_same(self, channels: int, labels: int, what: str) -> None:
@@ -449,49 +376,13 @@ class ClassMeans:
         if not isinstance(other, ClassMeans):
             raise TypeError(f"can only merge a ClassMeans, got {type(other).__name__}")
         self._check_same(other.channels, other.labels, "the other ClassMeans")
-        if self._since_carry + other._since_carry > _NORMALIZE_AT:
-            self._carry()
-            other = ClassMeans.from_state_dict(other.state_dict(), self.device)
-        self.count += other.count.to(self.device)
-        n = other._limbs.shape[0]
-        if n:
-            self._cover(other._first, other._first + n)
-            at = other._first - self._first
-            self._limbs[at : at + n] += other._limbs.to(self.device)
-        if other._nonfinite.shape[0]:
-            if self._nonfinite.shape[0] == 0:
-                self._nonfinite = torch.zeros_like(other._nonfinite, device=self.device)
-            self._nonfinite += other._nonfinite.to(self.device)
-        self._since_carry += other._since_carry
-
-    def _canonical(self) -> tuple[int, torch.Tensor]:
-        """(first limb index, limbs): carried, with all-zero limbs trimmed from both ends."""
-        if self._limbs.shape[0] == 0:
-            return 0, self._limbs.cpu()
-        limbs = torch.zeros(_LIMBS - self._first, *self._limbs.shape[1:], dtype=torch.int64)
-        limbs[: self._limbs.shape[0]] = self._limbs.cpu()
-        limbs = _normalize(limbs)
-        nonzero = limbs.flatten(1).any(1).nonzero().squeeze(1)
-        if nonzero.numel() == 0:
-            return 0, limbs[:0]
-        lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
-        return self._first + lo, limbs[lo:hi]
+        # out of place: `add` may have made count under torch.inference_mode (a torchrun merge)
+        self.count = self.count + other.count.to(self.device)
+        self._sum.merge(other._sum)
 
     def sums(self) -> torch.Tensor:
         """(C, L) float64 sums of the per-image maxima (finite values only), rounded from exact."""
-        first, limbs = self._canonical()
-        C, L = self.channels, self.labels
-        if limbs.shape[0] == 0:
-            return torch.zeros(C, L, dtype=torch.float64)
-        # sum the magnitude's limbs, all >= 0, smallest first: a few roundings, no cancellation
-        neg = limbs[-1] < 0
-        mag = _normalize(
-            torch.cat([torch.where(neg, -limbs, limbs), torch.zeros(1, C, L, dtype=torch.int64)])
-        )
-        total = torch.zeros(C, L, dtype=torch.float64)
-        for j in range(mag.shape[0]):  # powers of two from 2^-149 to 2^139: exact in float64
-            total += mag[j].double() * 2.0 ** ((first + j) * _LIMB_BITS + _UNIT)
-        return torch.where(neg, -total, total)
+        return self._sum.sums()
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Class means and class selectivity.
@@ -507,13 +398,7 @@ class ClassMeans:
                 NaN. Meant for non-negative activations (after a ReLU); on signed ones it can leave
                 [0, 1].
         """
-        mean = self.sums() / self.count.cpu().double()  # 0 / 0 = NaN for an empty label
-        if self._nonfinite.shape[0]:
-            nf = self._nonfinite.cpu()
-            pos, neg, nan = nf[_POS_INF] > 0, nf[_NEG_INF] > 0, nf[_NAN] > 0
-            mean = torch.where(pos, float("inf"), mean)
-            mean = torch.where(neg, float("-inf"), mean)
-            mean = torch.where(nan | (pos & neg), float("nan"), mean)
+        mean = self._sum.values() / self.count.cpu().double()  # 0 / 0 = NaN for an empty label
         class_mean = mean.float()
         return class_mean, selectivity(class_mean, self.count.cpu() > 0)
 
@@ -523,8 +408,8 @@ class ClassMeans:
         "labels", "count" (L,) int64, "limb_first" (int), "limbs" (n, C, L) int64 (the exact sums
         in units of 2^-149: sum_j limbs[j] * 2^(32 * (limb_first + j))), "nonfinite" (3, C, L)
         int64 counts of +inf, -inf, NaN, or (0, C, L) when there were none."""
-        first, limbs = self._canonical()
-        nonfinite = self._nonfinite.cpu().clone()
+        first, limbs = self._sum.canonical()
+        nonfinite = self._sum.nonfinite.cpu().clone()
         if nonfinite.shape[0] and not bool(nonfinite.any()):
             nonfinite = nonfinite[:0]
         return {
@@ -549,14 +434,9 @@ class ClassMeans:
                 f"(expected {_VERSION})"
             )
         self._check_same(sd["channels"], sd["labels"], "the state dict")
-        C, L = self.channels, self.labels
+        L = self.labels
         self.count = torch.as_tensor(sd["count"], dtype=torch.int64).reshape(L).to(self.device)
-        self._limbs = torch.as_tensor(sd["limbs"], dtype=torch.int64).reshape(-1, C, L)
-        self._limbs = self._limbs.to(self.device).clone()
-        self._first = int(sd["limb_first"])
-        self._nonfinite = torch.as_tensor(sd["nonfinite"], dtype=torch.int64).reshape(-1, C, L)
-        self._nonfinite = self._nonfinite.to(self.device).clone()
-        self._since_carry = 0
+        self._sum.load(sd["limb_first"], sd["limbs"], sd["nonfinite"])
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu") -> ClassMeans:

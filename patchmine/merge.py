@@ -7,9 +7,13 @@ own top-k and statistics state. The merged file is what one run over the whole c
 channel the top-k over every shard's entries under the exact tie rule (score descending, global image
 ascending, flat location ascending: ``TopK.merge`` over states rebuilt from the files), each winner's
 box, patch, heat map (and projection) copied from its shard (no image is read, no model run), and
-the statistics merged from the files' ``stats/state`` accumulators. Files that do not belong
-together (model, weights, layers, k, per-image, preprocessing, corpus, projection), an incomplete or overlapping set of shards and
-files that are not patchmine results are refused with a UsageError naming the difference.
+the statistics merged from the files' ``stats/state`` accumulators. With ``--bottom-k`` the
+``bottom/`` entries are merged the same way (``BottomK.merge``: score ascending); with ``--labels``
+the class means from the exact ``class_state/`` accumulators (``ClassMeans.merge``), so they too
+equal a single run's, bit for bit. Files that do not belong together (model, weights, layers, k,
+per-image, --min-inside, preprocessing, corpus, labels, bottom-k, projection), an incomplete or
+overlapping set of shards and files that are not patchmine results are refused with a UsageError
+naming the difference.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ import numpy as np
 import torch
 
 from patchmine import store
+from patchmine.bottomk import BottomK
 from patchmine.errors import UsageError, differences
+from patchmine.labels import ClassMeans
 from patchmine.receptive import Field
 from patchmine.stats import RunningStats
 from patchmine.topk import TopK, entry_key
 
 __all__ = ["merge"]
 
+# Layer attributes computed from a file's own entries (recomputed when the merged file is written).
+_OWN = ("border_share",)
 # Root attributes that every shard of one run shares (what the run computed, and over what).
 _SAME = [
     ("model", "model"),
@@ -37,6 +45,7 @@ _SAME = [
     ("layer_order", "layers"),
     ("k", "k"),
     ("per_image", "per-image"),
+    ("min_inside", "--min-inside"),
     ("input_size", "input size"),
     ("resize", "resize (shorter side before the crop)"),
     ("mean", "preprocessing (mean)"),
@@ -45,6 +54,8 @@ _SAME = [
     ("n_corpus", "corpus size"),
     ("corpus_fingerprint", "corpus (file list)"),
     ("corpus_roots", "corpus roots"),
+    ("labels", "labels (--labels)"),
+    ("bottom_k", "bottom-k (--bottom-k)"),
     ("projection", "projection method"),
 ]
 
@@ -62,16 +73,20 @@ def _check(results: list[store.Result]) -> list[store.Result]:
     first = results[0]
     for r in results[1:]:
         diff = differences(r.attrs, first.attrs, [key for key, _ in _SAME])
+        if not diff and r.label_names != first.label_names:
+            diff = ["labels"]
         if diff:
             key = diff[0]
             a, b = first.attrs.get(key), r.attrs.get(key)
+            if key == "min_inside":  # absent: the option was off
+                a, b = ("off" if v is None else v for v in (a, b))
             raise UsageError(
                 f"cannot merge {r.path} with {first.path}: {dict(_SAME)[key]} differs "
                 f"({_short(a)} vs {_short(b)})"
             )
         for name in first.layers:
             la, lb = first.layer(name).attrs, r.layer(name).attrs
-            diff = differences(lb, la)
+            diff = differences(lb, la, [key for key in la if key not in _OWN])
             if diff:
                 raise UsageError(
                     f"cannot merge {r.path} with {first.path}: layer {name} differs in "
@@ -144,21 +159,29 @@ class _Picked:
         return out
 
 
-def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> store.LayerData:
-    layers = [r.layer(name) for r in shards]
+def _merge_entries(
+    layers: list[store.LayerResult],
+    starts: np.ndarray,
+    name: str,
+    a: dict,
+    per_image: int,
+    fill: np.ndarray,
+    bottom: bool = False,
+) -> dict:
+    """The merged entries of one layer (its top-k, or with ``bottom`` its bottom-k): score, image,
+    yx, box, box_orig, and lazy patch and heat copied from the shards."""
     first = layers[0]
-    a = first.attrs
     C, k = first.score.shape
     H, W = (int(v) for v in a["fmap_hw"])
-    per_image = int(shards[0].attrs["per_image"])
+    kind = BottomK if bottom else TopK
     nms = Field.from_attrs(a).suppression  # a whole-field token's own patch
-    merged = TopK(C, k, per_image, (H, W), nms.size, nms.stride)
+    merged = kind(C, k, per_image, (H, W), nms.size, nms.stride)
     keys = []
     for lr, start in zip(layers, starts, strict=True):
         image = np.where(lr.image >= 0, lr.image + start, -1)
         keys.append(np.where(image >= 0, entry_key(image, lr.yx, (H, W)), -1))
         merged.merge(
-            TopK.from_result(
+            kind.from_result(
                 lr.score,
                 image,
                 lr.yx,
@@ -189,10 +212,56 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
             out[here] = v[np.nonzero(here)[0], slot[here]]
         return out
 
-    box = pick([lr.box for lr in layers], 0)
-    box_orig = pick([lr.box_orig for lr in layers], np.nan)
     patch_shape = (C, k, *first.patches(0).shape[1:])
+    out = {
+        **res,
+        "box": pick([lr.box for lr in layers], 0),
+        "box_orig": pick([lr.box_orig for lr in layers], np.nan),
+        "patch": _Picked(patch_shape, np.uint8, fill, src, slot, lambda s, c: layers[s].patches(c)),
+        "heat": _Picked((C, k, H, W), np.float16, 0, src, slot, lambda s, c: layers[s].heat(c)),
+    }
+    if first.projection_attrs is not None:  # the root attribute `projection` is the same
+        if any(lr.projection_attrs != first.projection_attrs for lr in layers):
+            raise UsageError(f"cannot merge: the shards' projections of layer {name} differ")
+        out["projection"] = _Picked(
+            patch_shape, np.float16, 0, src, slot, lambda s, c: layers[s].projection(c)
+        )
+        out["projection_attrs"] = first.projection_attrs
+    return out
+
+
+def _merge_classes(layers: list[store.LayerResult]) -> ClassMeans | None:
+    """The layer's class means over every shard, from their exact ``class_state/``."""
+    states = [lr.class_state() for lr in layers]
+    if not states[0]:
+        return None
+    merged = None
+    for lr, sd in zip(layers, states, strict=True):
+        try:
+            cm = ClassMeans.from_state_dict(sd)
+        except (KeyError, ValueError) as e:
+            raise UsageError(
+                f"{lr.result.path}: layer {lr.name} has a damaged class_state ({e})"
+            ) from None
+        if merged is None:
+            merged = cm
+        else:
+            merged.merge(cm)
+    return merged
+
+
+def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> store.LayerData:
+    layers = [r.layer(name) for r in shards]
+    first = layers[0]
+    a = first.attrs
+    C = first.channels
+    per_image = int(shards[0].attrs["per_image"])
     fill = np.array([int(round(m * 255)) for m in shards[0].attrs["mean"]], np.uint8)
+    top = _merge_entries(layers, starts, name, a, per_image, fill)
+    bottom = None
+    if first.bottom is not None:
+        b = _merge_entries([lr.bottom for lr in layers], starts, name, a, per_image, fill, True)
+        bottom = store.LayerData(attrs={}, stats={}, **b)
     stats = None
     for lr in layers:
         rs = RunningStats(C)
@@ -210,28 +279,19 @@ def _merge_layer(shards: list[store.Result], starts: np.ndarray, name: str) -> s
         else:
             stats.merge(rs)
     state = stats.state_dict()
-    projection, projection_attrs = None, {}
-    if first.projection_attrs is not None:
-        if any(lr.projection_attrs != first.projection_attrs for lr in layers):
-            raise UsageError(f"cannot merge: the shards' projections of layer {name} differ")
-        projection = _Picked(
-            patch_shape, np.float16, 0, src, slot, lambda s, c: layers[s].projection(c)
-        )
-        projection_attrs = first.projection_attrs
-    return store.LayerData(
-        attrs=dict(a),
-        score=res["score"],
-        image=res["image"],
-        yx=res["yx"],
-        box=box,
-        box_orig=box_orig,
-        patch=_Picked(patch_shape, np.uint8, fill, src, slot, lambda s, c: layers[s].patches(c)),
-        heat=_Picked((C, k, H, W), np.float16, 0, src, slot, lambda s, c: layers[s].heat(c)),
+    out = store.LayerData(
+        attrs={key: v for key, v in a.items() if key not in _OWN},
+        **top,
         stats={key: v.cpu().numpy() for key, v in stats.result().items()},
         stats_state={key: v.numpy() for key, v in state.items() if isinstance(v, torch.Tensor)},
-        projection=projection,
-        projection_attrs=projection_attrs,
+        bottom=bottom,
     )
+    classes = _merge_classes(layers)
+    if classes is not None:
+        mean, sel = classes.result()
+        out.class_mean, out.selectivity = mean.numpy(), sel.numpy()
+        out.class_state = store.class_state_arrays(classes.state_dict())
+    return out
 
 
 def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = False) -> Path:
@@ -248,7 +308,8 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
 
     Raises:
         UsageError: a file is missing or not a patchmine result; files that differ in model,
-            weights, layers, k, per-image, preprocessing or corpus; missing or repeated shards.
+            weights, layers, k, per-image, min-inside, preprocessing or corpus; missing or
+            repeated shards.
     """
     if not paths:
         raise UsageError("nothing to merge: name the shard files (patchmine mine --shard I/N)")
@@ -279,8 +340,12 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike, force: boo
             "transform": np.concatenate([r.image_transform for r in shards]),
             "error": [e for r in shards for e in r.image_error],
         }
+        labels = None
+        if shards[0].label_names is not None:
+            images["label"] = np.concatenate([r.image_label for r in shards])
+            labels = store.label_table(shards[0].label_names, images["label"], images["ok"])
         layers = {name: _merge_layer(shards, starts, name) for name in shards[0].layers}
-        return store.write_result(out, attrs, images, layers)
+        return store.write_result(out, attrs, images, layers, labels=labels)
     finally:
         for r in results:
             r.close()

@@ -12,6 +12,8 @@ assembled by `patchmine.store` (`layer_data`, `run_attrs`, `image_table`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
 import shutil
 import signal
@@ -26,12 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from patchmine import distributed, store
+from patchmine.bottomk import BottomK
 from patchmine.corpus import Corpus, CorpusDataset, discover, make_loader, printable
 from patchmine.errors import UsageError, differences
-from patchmine.maps import reduce_maps
+from patchmine.labels import ClassMeans, assign_labels, layer_channel_names
+from patchmine.maps import Maps, reduce_maps
 from patchmine.models import load_model
 from patchmine.patches import LayerPlan, Scratch, second_pass
 from patchmine.projections import Projector, check_method
+from patchmine.receptive import inside_fraction
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
 from patchmine.topk import TopK
@@ -39,6 +44,7 @@ from patchmine.topk import TopK
 __all__ = ["mine", "Miner", "MineSummary", "Interrupted", "DEFAULT_PATCH_SIZE"]
 
 DEFAULT_PATCH_SIZE = 96
+_CLASS_BATCH = 1024  # images whose maxima are added to the class means at once
 
 
 @dataclass
@@ -140,11 +146,44 @@ def _check_meta(source: str, saved: dict, now: dict) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Labels:
+    """Every corpus image's label (``--labels``), assigned on the whole corpus before any slice.
+
+    ``spec`` is what was given ("folder" or the CSV file), ``names`` the L label names, ``label``
+    (N,) int32 indices into them (-1: unlabelled).
+    """
+
+    spec: str
+    names: list[str]
+    label: torch.Tensor
+
+    @property
+    def digest(self) -> str:
+        """What a checkpoint must agree on: the names and every image's label."""
+        h = hashlib.sha256("\n".join(self.names).encode("utf-8", "surrogateescape"))
+        h.update(self.label.numpy().astype("<i4").tobytes())
+        return f"{len(self.names)} names, sha256 {h.hexdigest()[:16]}"
+
+
+def _image_max(acts: torch.Tensor, maps: Maps | None) -> torch.Tensor:
+    """(N, C) each map's maximum, for the class means: ``maps.max`` where the caller has it (CPU),
+    NaN values left out as TopK leaves them out; a map of NaN only has a NaN maximum."""
+    if maps is not None:
+        return maps.max.masked_fill(maps.count == 0, float("nan")) if maps.nan else maps.max
+    N, C = acts.shape[:2]
+    x = acts.reshape(N, C, -1).float()  # elsewhere: without host synchronization
+    m = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).amax(2)
+    return m.masked_fill(x.isnan().all(2), float("nan"))
+
+
 class Miner:
     """One run over a slice ``start:stop`` of a corpus: model, collectors, image records.
 
     Its state (collectors, statistics, image records, cursor) saves to and loads from a checkpoint
-    and merges with the state of another slice (see :mod:`patchmine.merge`).
+    and merges with the state of another slice (see :mod:`patchmine.merge`). Collectors per
+    layer: ``topk`` (TopK), ``stats`` (RunningStats), ``bottom`` (BottomK, with ``--bottom-k``;
+    else empty) and ``classes`` (ClassMeans, with ``--labels``; else empty).
     """
 
     def __init__(
@@ -163,11 +202,16 @@ class Miner:
         part: tuple[int, int] | None = None,
         extra_attrs: dict | None = None,
         resize: int | None = None,
+        labels: Labels | None = None,
+        channel_names: str | os.PathLike | None = None,
+        bottom_k: bool = False,
+        min_inside: float | None = None,
         jpeg_draft: bool = False,
         projection: str | None = None,
     ):
         self.projection = check_method(projection)
         self.corpus = corpus
+        self.labels, self.bottom_k = labels, bool(bottom_k)
         self.jpeg_draft = jpeg_draft
         self.extra_attrs = dict(extra_attrs or {})
         self.k, self.per_image, self.input_size = k, per_image, input_size
@@ -210,10 +254,60 @@ class Miner:
             for name in self.layers
         }
         self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
+        self.bottom = {
+            name: BottomK(
+                self.shapes[name][0],
+                k,
+                per_image,
+                self.fmap_hw(name),
+                self.fields[name].suppression.size,
+                self.fields[name].suppression.stride,
+                device=self.device,
+            )
+            for name in (self.layers if self.bottom_k else [])
+        }
+        self.classes = {}
+        # per-image maxima and labels waiting for the class means: added a few thousand images at
+        # a time (the sums are exact, so when does not matter; the op count does, per batch)
+        self._maxima: dict[str, list[torch.Tensor]] = {}
+        self._labels: list[torch.Tensor] = []
+        if labels is not None:
+            if len(labels.label) != n:
+                raise ValueError(f"labels for {len(labels.label)} images, the corpus has {n}")
+            self._label = labels.label.to(self.device)
+            L = len(labels.names)
+            self.classes = {
+                name: ClassMeans(self.shapes[name][0], L, device=self.device)
+                for name in self.layers
+            }
+        self.channel_names = layer_channel_names(
+            self.model, {name: self.shapes[name][0] for name in self.layers}, channel_names
+        )
+        self.min_inside = _fraction(min_inside)
+        self.barred = self._barred()
         self.ok = np.zeros(n, dtype=bool)
         self.shape = np.zeros((n, 2), dtype=np.int32)
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
+
+    def _barred(self) -> dict[str, torch.Tensor]:
+        """node -> (H, W) bool, true where a unit's box has less than ``min_inside`` inside the
+        input (such units never compete for the top-k); only nodes that have such units."""
+        if self.min_inside is None:
+            return {}
+        out = {}
+        side = (self.input_size, self.input_size)
+        for n in self.layers:
+            frac = inside_fraction(self.fields[n], self.fmap_hw(n), side)
+            barred = frac < self.min_inside
+            if barred.all():
+                raise UsageError(
+                    f"--min-inside {self.min_inside:g} leaves no unit of layer {n} (at most "
+                    f"{frac.max():.2f} of its fields lies inside the input); lower it"
+                )
+            if barred.any():
+                out[n] = torch.from_numpy(barred).to(self.device)
+        return out
 
     @property
     def meta(self) -> dict:
@@ -227,11 +321,14 @@ class Miner:
             "per_image": self.per_image,
             "input_size": self.input_size,
             "resize": self.resize,
+            "min_inside": self.min_inside,
             "jpeg_draft": self.jpeg_draft,
             "corpus": self.corpus.fingerprint(),
             "n_images": len(self.corpus),
             "shard": list(self.shard) if self.shard else None,
             "part": list(self.part) if self.part else None,
+            "labels": self.labels.digest if self.labels is not None else None,
+            "bottom_k": True if self.bottom_k else None,
             "projection": self.projection,
         }
 
@@ -244,9 +341,20 @@ class Miner:
             "shape": torch.from_numpy(self.shape),
             "transform": torch.from_numpy(self.transform),
             "error": self.error,
+            **self._collector_states(),
+        }
+
+    def _collector_states(self) -> dict:
+        out = {
             "topk": {n: c.state_dict() for n, c in self.topk.items()},
             "stats": {n: s.state_dict() for n, s in self.stats.items()},
         }
+        if self.bottom:
+            out["bottom"] = {n: c.state_dict() for n, c in self.bottom.items()}
+        if self.classes:
+            self._add_maxima()
+            out["classes"] = {n: c.state_dict() for n, c in self.classes.items()}
+        return out
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         _check_meta(source, state["meta"], self.meta)
@@ -254,6 +362,11 @@ class Miner:
         for n in self.layers:
             self.topk[n].load_state_dict(state["topk"][n])
             self.stats[n].load_state_dict(state["stats"][n])
+            if self.bottom:
+                self.bottom[n].load_state_dict(state["bottom"][n])
+            if self.classes:
+                self.classes[n].load_state_dict(state["classes"][n])
+        self._maxima, self._labels = {}, []
         for key in ("ok", "shape", "transform"):
             getattr(self, key)[:] = np.asarray(state[key])
         self.error = list(state["error"])
@@ -325,15 +438,38 @@ class Miner:
     def collect(self, acts: dict[str, torch.Tensor], index: torch.Tensor) -> None:
         """Feed one batch to the collectors: ``acts`` from ``self.tap``, ``index`` (N,) corpus indices.
 
-        On CPU each activation map is read from memory once for both collectors (`reduce_maps`).
+        On CPU each activation map is read from memory once for both collectors (`reduce_maps`);
+        the class means take its per-map maxima.
         """
+        label = self._label[index] if self.classes else None
         for n in self.layers:
             a = acts[n]
             maps = None  # elsewhere the collectors reduce without host syncs
             if self.device.type == "cpu":
                 maps = reduce_maps(a, sample=self.stats[n].sample)
-            self.topk[n].add(a, index, maps)
+            barred = self.barred.get(n)
+            if barred is None:
+                self.topk[n].add(a, index, maps)
+            else:  # --min-inside: barred units can never win (statistics still see them)
+                self.topk[n].add(a.masked_fill(barred, float("-inf")), index)
             self.stats[n].add(a, maps)
+            if self.bottom:  # --min-inside bars units from the bottom-k as well
+                self.bottom[n].add(a if barred is None else a.masked_fill(barred, math.inf), index)
+            if self.classes:
+                self._maxima.setdefault(n, []).append(_image_max(a, maps))
+        if self.classes:
+            self._labels.append(label)
+            if sum(len(b) for b in self._labels) >= _CLASS_BATCH:
+                self._add_maxima()
+
+    def _add_maxima(self) -> None:
+        """Add the buffered per-image maxima to the class means."""
+        if not self._labels:
+            return
+        label = torch.cat(self._labels)
+        for n, parts in self._maxima.items():
+            self.classes[n].add(torch.cat(parts), label)
+        self._maxima, self._labels = {}, []
 
     def part_state(self) -> dict:
         """This process's share of a multi-process run: collectors, statistics, its span's records."""
@@ -341,8 +477,7 @@ class Miner:
         return {
             "meta": {**self.meta, "part": None},
             "span": (sl.start, sl.stop),
-            "topk": {n: c.state_dict() for n, c in self.topk.items()},
-            "stats": {n: s.state_dict() for n, s in self.stats.items()},
+            **self._collector_states(),
             "ok": self.ok[sl],
             "shape": self.shape[sl],
             "transform": self.transform[sl],
@@ -361,6 +496,11 @@ class Miner:
         for n in self.layers:
             self.topk[n].merge(TopK.from_state_dict(part["topk"][n], self.device))
             self.stats[n].merge(RunningStats.from_state_dict(part["stats"][n], self.device))
+            if self.bottom:
+                self.bottom[n].merge(BottomK.from_state_dict(part["bottom"][n], self.device))
+            if self.classes:
+                self._add_maxima()
+                self.classes[n].merge(ClassMeans.from_state_dict(part["classes"][n], self.device))
         self.ok[a:b], self.shape[a:b], self.transform[a:b] = (
             part["ok"],
             part["shape"],
@@ -369,13 +509,18 @@ class Miner:
         self.error[a:b] = part["error"]
 
     def plans(self) -> list[LayerPlan]:
-        """The winners of every layer, as the second pass needs them."""
+        """The winners of every layer, as the second pass needs them (with ``--bottom-k`` each
+        layer's bottom-k follows as a plan of its own, ``bottom=True``)."""
         plans = []
         for n in self.layers:
-            r = {key: v.cpu().numpy() for key, v in self.topk[n].result().items()}
             f = self.fields[n]
             size = min(max(f.size), self.patch_size)
-            plans.append(LayerPlan(n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"]))
+            kinds = [(self.topk[n], False)] + ([(self.bottom[n], True)] if self.bottom else [])
+            for collector, bottom in kinds:
+                r = {key: v.cpu().numpy() for key, v in collector.result().items()}
+                plans.append(
+                    LayerPlan(n, f, self.fmap_hw(n), size, r["score"], r["image"], r["yx"], bottom)
+                )
         return plans
 
     def layer_data(
@@ -384,9 +529,14 @@ class Miner:
         patch: np.ndarray,
         heat: np.ndarray,
         projection: Scratch | None = None,
+        bottom: tuple[LayerPlan, np.ndarray, np.ndarray, Scratch | None] | None = None,
         projector: Projector | None = None,
     ) -> store.LayerData:
-        """One layer's datasets for the file, with image indices local to this slice."""
+        """One layer's datasets for the file, with image indices local to this slice.
+
+        ``bottom``: the layer's bottom-k plan with its patches, heat maps and projections
+        (``--bottom-k``); ``projection``: the top-k's projections, made by ``projector``.
+        """
         st = self.stats[plan.name]
         data = store.layer_data(
             plan,
@@ -401,6 +551,22 @@ class Miner:
             transform=self.transform,
             start=self.start,
         )
+        if bottom is not None:
+            *entries, bottom_projection = bottom
+            data.bottom = store.layer_data(
+                *entries, stats={}, stats_state={}, transform=self.transform, start=self.start
+            )
+            if bottom_projection is not None and projector is not None:
+                data.bottom.projection = bottom_projection
+                data.bottom.projection_attrs = projection_attrs(projector, plan.name)
+        if plan.name in self.channel_names:
+            data.attrs["channel_names"] = list(self.channel_names[plan.name])
+        if self.classes:
+            self._add_maxima()
+            cm = self.classes[plan.name]
+            mean, sel = cm.result()
+            data.class_mean, data.selectivity = mean.numpy(), sel.numpy()
+            data.class_state = store.class_state_arrays(cm.state_dict())
         data.attrs["node"] = self.nodes.get(plan.name, plan.name)
         if projection is not None and projector is not None:
             data.projection = projection
@@ -422,7 +588,9 @@ class Miner:
             rows=rows,
             n_failed=int((~self.ok[rows.start : rows.stop]).sum()),
             shard=self.shard,
+            min_inside=self.min_inside,
         )
+        attrs["bottom_k"] = self.bottom_k
         records = {
             "shape": self.shape,
             "ok": self.ok,
@@ -431,8 +599,19 @@ class Miner:
         }
         if self.projection is not None:
             attrs["projection"] = self.projection
+        labels = None
+        if self.labels is not None:
+            attrs["labels"] = self.labels.spec
+            records["label"] = self.labels.label.numpy()
+            labels = store.label_table(
+                self.labels.names,
+                records["label"][rows.start : rows.stop],
+                self.ok[rows.start : rows.stop],
+            )
         images = store.image_table(self.corpus, records, rows)
-        store.write_result(out, {**attrs, **self.extra_attrs}, images, layers, should_stop)
+        store.write_result(
+            out, {**attrs, **self.extra_attrs}, images, layers, should_stop, labels=labels
+        )
 
     def finish(
         self,
@@ -487,7 +666,14 @@ class Miner:
                 team.collect(own, cut)
             t1 = time.perf_counter()
             if writes:
-                layers = {p.name: self.layer_data(p, *cut[p.name], projector) for p in plans}
+                bottoms = {p.name: (p, *cut[p.key]) for p in plans if p.bottom}
+                layers = {
+                    p.name: self.layer_data(
+                        p, *cut[p.key], bottom=bottoms.get(p.name), projector=projector
+                    )
+                    for p in plans
+                    if not p.bottom
+                }
                 if should_stop():
                     raise KeyboardInterrupt
                 self.write(out, layers, should_stop)
@@ -512,6 +698,19 @@ class Miner:
 def projection_attrs(projector: Projector, node: str) -> dict:
     """The attributes of a layer's ``projection`` dataset: the method and the ops it modified."""
     return {"method": projector.method, "n_modified": projector.modified(node)}
+
+
+def _fraction(value: float | None) -> float | None:
+    """``--min-inside``: None (off) or a number in (0, 1]."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"min-inside must be a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise UsageError(f"min-inside must be in (0, 1] (a share of the field), got {value!r}")
+    return f
 
 
 def _shard_range(n: int, i: int, count: int) -> tuple[int, int]:
@@ -558,6 +757,10 @@ def mine(
     patch_size: int = DEFAULT_PATCH_SIZE,
     extra_attrs: dict | None = None,
     resize: int | None = None,
+    labels: str | os.PathLike | None = None,
+    channel_names: str | os.PathLike | None = None,
+    bottom_k: bool = False,
+    min_inside: float | None = None,
     jpeg_draft: bool = False,
     projection: str | None = None,
 ) -> MineSummary:
@@ -582,6 +785,13 @@ def mine(
         patch_size: largest stored patch side; larger receptive fields are resampled down.
         extra_attrs: more root attributes for the result file (str, numbers or lists of them),
             e.g. the settings a pipeline compares to decide whether the file is up to date.
+        labels: ``"folder"`` (class folders under each corpus root) or a ``path,label`` CSV file
+            (`patchmine.labels.assign_labels`, on the whole corpus even with ``shard``): stores
+            the labels and, per layer, ``class_mean`` and ``selectivity``.
+        channel_names: a file of channel names, one per line, for layers with as many channels.
+        bottom_k: also keep each channel's k most negative activations (``bottom/``).
+        min_inside: only units whose field box has at least this fraction (0 < F <= 1) inside
+            the input compete (`patchmine.receptive.inside_fraction`); None: every unit.
         jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
             (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
             decode. Recorded as the root attribute ``jpeg_draft``.
@@ -609,6 +819,11 @@ def mine(
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
     progress = progress and (team is None or team.leader)
     corpus = discover(sources)
+    labelled = None
+    if labels is not None:
+        names, label = assign_labels(corpus, labels)
+        spec = str(labels) if str(labels) == "folder" else str(Path(labels).resolve())
+        labelled = Labels(spec, names, label)
     workers = _default_workers() if workers is None else workers
     miner = Miner(
         corpus,
@@ -624,6 +839,10 @@ def mine(
         extra_attrs=extra_attrs,
         part=None if team is None else team.part,
         resize=resize,
+        labels=labelled,
+        channel_names=channel_names,
+        bottom_k=bottom_k,
+        min_inside=min_inside,
         jpeg_draft=jpeg_draft,
         projection=projection,
     )

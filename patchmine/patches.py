@@ -45,6 +45,12 @@ class LayerPlan:
     score: np.ndarray  # (C, k) float32
     image: np.ndarray  # (C, k) int64, -1 unused
     yx: np.ndarray  # (C, k, 2) int32
+    bottom: bool = False  # the layer's bottom-k (``--bottom-k``): stored under ``bottom/``
+
+    @property
+    def key(self) -> str:
+        """Where the second pass puts this plan's patches: the node name, or NAME/bottom."""
+        return f"{self.name}/bottom" if self.bottom else self.name
 
 
 def _windows(
@@ -229,10 +235,12 @@ def second_pass(
     and cut like its patch.
 
     Returns:
-        node -> (patch (C, k, P', P', 3) uint8, heat (C, k, H, W) float16, projection
-        (C, k, P', P', 3) float16 or None without a projector) as :class:`Scratch` arrays (files
-        in ``scratch`` when large). P' is the patch size, or the box size when the box is smaller.
-        Unused slots hold the fill color (patch) and zeros (heat, projection).
+        plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
+        heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16 or None without a
+        projector) as :class:`Scratch` arrays (files in ``scratch`` when large). P' is the patch
+        size, or the box size when the box is smaller. Unused slots hold the fill color (patch)
+        and zeros (heat, projection). Every winner image of every plan (bottom-k ones included) is
+        re-forwarded once, and every entry's score verified.
     """
     device = torch.device(device)
     out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}
@@ -242,7 +250,7 @@ def second_pass(
         c, k = p.score.shape
         rh, rw = p.field.size
         ph, pw = (p.patch_size, p.patch_size) if max(rh, rw) > p.patch_size else (rh, rw)
-        safe = p.name.replace(os.sep, "_")
+        safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
         patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         proj = None
@@ -253,10 +261,10 @@ def second_pass(
         if len(unused):  # empty slots: fill
             color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
             patch.put(unused, color)
-        out[p.name] = (patch, heat, proj)
+        out[p.key] = (patch, heat, proj)
         entries = np.flatnonzero(flat >= 0)
         order = entries[np.argsort(flat[entries], kind="stable")]
-        owners[p.name] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
+        owners[p.key] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
         winners.update(np.unique(flat[entries]).tolist())
     ids = sorted(winners)
     if not ids:
@@ -270,7 +278,7 @@ def second_pass(
 
     def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's flat entries whose image is in the batch, and their rows in it."""
-        img_sorted, entry = owners[p.name]
+        img_sorted, entry = owners[p.key]
         lo = np.searchsorted(img_sorted, index[0], side="left")
         hi = np.searchsorted(img_sorted, index[-1], side="right")
         return entry[lo:hi], np.searchsorted(index, img_sorted[lo:hi])
@@ -293,11 +301,11 @@ def second_pass(
             if not np.all(diff <= tol):
                 j = int(np.argmax(diff))
                 raise ScoreMismatch(
-                    f"layer {p.name} channel {int(ch[j])}: image {corpus.file(int(index[row[j]]))} "
+                    f"layer {p.key} channel {int(ch[j])}: image {corpus.file(int(index[row[j]]))} "
                     f"now gives {got[j]:.6g}, the first pass gave {want[j]:.6g}; the file changed "
                     "or the model is not deterministic"
                 )
-            patch, heat, _ = out[p.name]
+            patch, heat, _ = out[p.key]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
@@ -314,7 +322,7 @@ def second_pass(
                 continue
             yx = p.yx.reshape(-1, 2)[e]
             bx = boxes(p.field, yx)
-            proj = out[p.name][2]
+            proj = out[p.key][2]
             for at, maps in projector.project(pixels, p.name, row, e // p.score.shape[1], yx):
                 proj.put(e[at], cut_projections(maps, bx[at], p.patch_size))
 

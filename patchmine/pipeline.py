@@ -14,8 +14,9 @@ A pipeline file has three tables whose keys are the long options of the matching
     [mine]                                     # `patchmine mine` options
     out = "../out/demo.h5"                     # the result file (required)
     model = "efficientnet_lite0"               # model, weights, layers, k, per_image, input_size,
-    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, batch_size, workers, device
-    k = 9
+    layers = ["_blocks.2.add", "_fc"]          # resize, patch_size, min_inside, labels,
+    k = 9                                      # channel_names, bottom_k, batch_size, workers,
+                                               # device
 
     [render]                                   # optional: `patchmine render` options
     out = "../out/demo"                        # the gallery folder (required in [render])
@@ -29,8 +30,10 @@ Each step runs only when it is out of date, like make:
 - corpus (only with a recipe): its first folder lacks the marker the last build left, or the recipe
   changed since (the marker holds the recipe's SHA-256). The recipe itself should be idempotent.
 - mine: the result file is missing, was not made by a pipeline, its recorded settings (model,
-  weights, layers, k, per_image, input_size, resize, patch_size, the corpus file list, the model file and
-  checkpoint) differ from the pipeline's, or a corpus image is newer than it. Settings that do not
+  weights, layers, k, per_image, input_size, resize, patch_size, min_inside, labels, channel_names,
+  bottom_k, the corpus file list, the model file, checkpoint, label file and channel names file)
+  differ from the pipeline's, or a corpus image is newer than it. ``labels`` is "folder" or a CSV
+  file and ``channel_names`` a file, both relative to the pipeline file. Settings that do not
   change the result (batch_size, workers, device) never re-run it. The settings are stored as JSON
   in the result's root attribute ``pipeline_settings``.
 - render: the gallery's ``index.html`` is missing or older than the result file, or the render
@@ -68,7 +71,7 @@ RECIPE_MARKER = ".patchmine-recipe"
 RENDER_MARKER = ".patchmine-render.json"
 
 # table -> key -> (kind, required, what it is); kinds: str, strs (str or list of str), int (>= 1),
-# int0 (>= 0), channels (str or list of int)
+# int0 (>= 0), fraction (0 < F <= 1), bool, channels (str or list of int)
 _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
     "": {
         "name": ("str", False, "the pipeline's name"),
@@ -88,6 +91,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "input_size": ("int", False, "input side"),
         "resize": ("int", False, "shorter side before the center crop"),
         "patch_size": ("int", False, "largest stored patch side"),
+        "labels": ("str", False, '"folder" or a path,label CSV file'),
+        "channel_names": ("str", False, "a file of channel names, one per line"),
+        "bottom_k": ("bool", False, "also keep the k most negative activations"),
+        "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
         "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "projection": ("str", False, "deconvnet, guided, gradient or none: per-entry projections"),
         "batch_size": ("int", False, "batch size"),
@@ -105,7 +112,8 @@ _TABLES = ("corpus", "mine", "render")
 _REQUIRED_TABLES = ("corpus", "mine")
 # [mine] keys the result depends on; batch_size, workers and device do not change it (DESIGN.md)
 _RESULT_KEYS = (
-    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size"
+    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size",
+    "min_inside", "labels", "channel_names", "bottom_k",
 )
 
 
@@ -131,7 +139,12 @@ class Pipeline:
     def settings(self, corpus: Corpus) -> dict:
         """What the result file depends on (compared with the one recorded in it)."""
         s = {key: self.mine.get(key) for key in _RESULT_KEYS}
+        s["bottom_k"] = True if s["bottom_k"] else None  # off is what results before it hold
         s["corpus"] = corpus.fingerprint()
+        for key in ("labels", "channel_names"):
+            value = self.mine.get(key)
+            if value and value != "folder" and Path(value).is_file():
+                s[f"{key}_file"] = _sha256(Path(value))  # small files: their contents
         if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
             s["jpeg_draft"] = True
         if self.mine.get("projection") not in (None, "none"):  # the same
@@ -171,6 +184,10 @@ def _check(where: str, key: str, kind: str, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise bad(f"a whole number >= {low}")
         return value
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise bad("a number in (0, 1]")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -270,6 +287,10 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         mine["model"] = _resolve_model(base, mine["model"])
     if "weights" in mine:
         mine["weights"] = _resolve_weights(base, mine["weights"])
+    if mine.get("labels", "folder") != "folder":
+        mine["labels"] = str(_resolve(base, mine["labels"]))
+    if "channel_names" in mine:
+        mine["channel_names"] = str(_resolve(base, mine["channel_names"]))
     if mine.get("projection", "none") not in ("deconvnet", "guided", "gradient", "none"):
         raise UsageError(
             f"{path} [mine]: projection must be deconvnet, guided, gradient or none, "
@@ -348,7 +369,7 @@ def _why_mine(p: Pipeline, corpus: Corpus, settings: dict) -> str | None:
         for key in changed:
             if key == "corpus":
                 what.append("the corpus file list")
-            elif key in ("model_file", "weights_file"):
+            elif key in ("model_file", "weights_file", "labels_file", "channel_names_file"):
                 what.append(f"the {key.replace('_', ' ')}")
             else:
                 what.append(f"{key} {_short(recorded.get(key))} -> {_short(settings.get(key))}")

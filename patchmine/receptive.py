@@ -1,7 +1,7 @@
 """Receptive fields of a network's nodes, and the geometry of boxes.
 
-Public names: Field, boxes, centers, locations, pixel_centers, to_original, to_input,
-receptive_fields.
+Public names: Field, boxes, inside_fraction, crosses_edge, centers, locations, pixel_centers,
+to_original, to_input, receptive_fields.
 
 Geometry lives here and nowhere else. ``receptive_fields`` traces a model the way torchvision's
 feature extraction does (same FX node names as ``get_graph_node_names``), runs it once on a zero
@@ -54,6 +54,8 @@ from patchmine.errors import UnknownNameError, UsageError, nearest
 __all__ = [
     "Field",
     "boxes",
+    "inside_fraction",
+    "crosses_edge",
     "centers",
     "locations",
     "pixel_centers",
@@ -161,6 +163,42 @@ def boxes(field: Field, yx: Any) -> np.ndarray:
         return np.broadcast_to(whole, yx.shape[:-1] + (4,)).copy()
     start = yx * np.asarray(field.stride, np.int64) + np.asarray(field.offset, np.int64)
     return np.concatenate([start, start + np.asarray(field.size, np.int64)], -1).astype(np.int32)
+
+
+def inside_fraction(field: Field, fmap_hw: Sequence[int], input_hw: Sequence[int]) -> np.ndarray:
+    """How much of each unit's box lies inside the input: the ``--min-inside`` measure.
+
+    Per axis, the part of the box inside the input divided by ``min(size, input side)`` (the most
+    a box of that size can have inside); the fraction is the product of the two axes. For a field
+    no larger than the input this is the share of the box's area inside the input; for a larger
+    one, units whose box covers the whole input along an axis count as fully inside there.
+
+    Args:
+        field: the node's receptive field (a whole-input field gives 1 everywhere).
+        fmap_hw: ``(H, W)`` of the node's map.
+        input_hw: the model input's ``(height, width)`` in pixels.
+
+    Returns:
+        ``(H, W)`` float64 fractions in [0, 1].
+    """
+    H, W = (int(v) for v in fmap_hw)
+    if field.whole:
+        return np.ones((H, W))
+    inside, most = [], 1
+    for n, size, stride, offset, side in zip(
+        (H, W), field.size, field.stride, field.offset, input_hw, strict=True
+    ):
+        start = np.arange(n, dtype=np.int64) * stride + offset
+        inside.append(np.clip(np.minimum(start + size, side) - np.maximum(start, 0), 0, None))
+        most *= min(int(size), int(side))
+    return (inside[0][:, None] * inside[1][None, :]) / most  # one rounding: exact comparisons
+
+
+def crosses_edge(box: Any, input_hw: Sequence[int]) -> np.ndarray:
+    """Whether boxes ``(..., 4)`` (model-input pixels, half-open) run past the input's edge."""
+    b = _numpy(box)
+    h, w = (int(v) for v in input_hw)
+    return (b[..., 0] < 0) | (b[..., 1] < 0) | (b[..., 2] > h) | (b[..., 3] > w)
 
 
 def _yx(a: Any, name: str) -> np.ndarray:

@@ -65,17 +65,21 @@ def _read(r: store.Result) -> tuple[dict, list]:
             v = np.broadcast_to(np.asarray(v, np.int64), (2,))
             return int(v[0]), int(v[1])
 
-        plans.append(
-            LayerPlan(
-                name,
-                Field.from_attrs(la),
-                pair(la["fmap_hw"]),
-                int(la["patch_size"]),
-                lr.score,
-                lr.image,
-                lr.yx,
+        for entries, bottom in ((lr, False), (lr.bottom, True)):  # bottom/: with --bottom-k
+            if entries is None:
+                continue
+            plans.append(
+                LayerPlan(
+                    name,
+                    Field.from_attrs(la),
+                    pair(la["fmap_hw"]),
+                    int(la["patch_size"]),
+                    entries.score,
+                    entries.image,
+                    entries.yx,
+                    bottom,
+                )
             )
-        )
     settings = {
         "model": a["model"],
         "weights": a["weights"],
@@ -152,7 +156,7 @@ def project(
             f"model {settings['model']} now normalizes with mean {lm.mean}, std {lm.std}; the "
             f"file was mined with {settings['mean']}, {settings['std']}"
         )
-    names = [p.name for p in plans]
+    names = list(dict.fromkeys(p.name for p in plans))
     chosen = select_layers(lm.module, s, names)
     for p in plans:
         f = chosen.fields[p.name]
@@ -196,7 +200,7 @@ def project(
                 )
             except ScoreMismatch as e:
                 raise UsageError(f"cannot project {path}: {e}") from None
-            layers = {p.name: (cut[p.name][2], projection_attrs(projector, p.name)) for p in plans}
+            layers = {p.key: (cut[p.key][2], projection_attrs(projector, p.name)) for p in plans}
             store.replace_projections(path, {"projection": method}, layers, stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -3,13 +3,17 @@
 Public names: `RunningStats`, `bin_edges`.
 
 count, mean, std (population, ddof=0) and max cover every location of every image. Each
-(image, channel) map gives its count, mean and M2 (sum of squared deviations from its mean; see
-`patchmine.maps`, no E[x^2] - E[x]^2 cancellation), a function of the image alone. They are merged
-in float64 with Chan et al.'s parallel formula (as dissect's RunningVariance does): buffered maps
-into one group per channel, that group into the state, and states into each other by `merge`.
-Another batching, order or sharding changes the float64 state in its last bits only (relative
-~1e-15), so the float32 results do not depend on it in practice. NaN activations are skipped (not
-counted, enter no statistic).
+(image, channel) map gives its count n_i, mean m_i and M2 q_i (sum of squared deviations from its
+mean; see `patchmine.maps`, no E[x^2] - E[x]^2 cancellation), a function of the image alone. From
+them, in float64, s_i = n_i * m_i and r_i = s_i^2 / n_i (as a double-double, hi + lo, within
+~2^-104 of the exact quotient); each float64 is split into float32 pieces that sum to it exactly
+and the pieces are summed exactly (`patchmine.exact.ExactSum`, integer limbs). So the state is a
+pure function of the multiset of maps: any batching, order, resume, sharding or merge tree gives
+the same state and the same results, bit for bit. `result` computes, exactly (fractions) from the
+sums S, Q, R and the count n: mean = S / n, M2 = Q + max(R - S^2 / n, 0) (the spread of the map
+means: r_i is precise enough that it does not cancel away), std = sqrt(M2 / n), each rounded once
+to float64, then to float32. NaN activations are skipped (not counted, enter no statistic); a map
+with an infinity makes its channel's mean +-inf (NaN with both signs) and its std NaN.
 
 Quantiles come from a fixed-bin histogram with int64 counts (exactly mergeable). Bins follow the
 float32 bit pattern: 32 bins per octave for 2^-14 <= |v| < 2^17, uniform in value inside an octave,
@@ -30,13 +34,17 @@ histogram costs no extra read of the activations.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from patchmine.exact import LIMBS, NAN, NEG_INF, POS_INF, ExactSum, split_float64
 from patchmine.maps import Maps, exact_moments, lattice, reduce_maps
 
 __all__ = ["RunningStats", "bin_edges"]
 
-_VERSION = 2  # 1: float64 sum and sum of squares instead of mean and M2
+_VERSION = 3  # 1: float64 sum and sum of squares; 2: float64 mean and M2 merged by Chan's formula
+_S, _Q, _R = 0, 1, 2  # rows of the exact sums: sum of n_i m_i, of M2_i, of (n_i m_i)^2 / n_i
 _SHIFT = 18  # float32 bits dropped: 23 - 18 = 5 mantissa bits kept, 32 bins per octave
 _LO_EXP, _HI_EXP = -14, 17
 _FIRST_GROUP = (127 + _LO_EXP) << (23 - _SHIFT)  # bit group of 2^-14: the first regular bin
@@ -80,6 +88,26 @@ def _slot_edges() -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat([-pos_hi.flip(0), zero, pos_lo]), torch.cat([-pos_lo.flip(0), zero, pos_hi]))
 
 
+def _two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, e) with p = fl(a * b) and p + e = a * b exactly (Dekker, float64, no FMA needed)."""
+    p = a * b
+    ca, cb = a * 134217729.0, b * 134217729.0  # 2^27 + 1: Veltkamp's split
+    ah, bh = ca - (ca - a), cb - (cb - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _square_over(s: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) float64 with hi + lo = s^2 / n to ~2^-104 relative (0 where n is 0)."""
+    n = n.clamp(min=1)
+    p, e = _two_prod(s, s)
+    hi = p / n
+    t, te = _two_prod(hi, n)
+    lo = (((p - t) - te) + e) / n
+    fin = torch.isfinite(hi)
+    return hi, torch.where(fin, lo, 0.0)
+
+
 def bin_edges():
     """(lo, hi) float64 numpy arrays: the value range of each bin of a state's ``hist`` (C, bins+1);
     its last column (NaN) has no bin."""
@@ -117,8 +145,7 @@ class RunningStats:
         self._sync_free = self.device.type != "cpu"
         C, dev = self.channels, self.device
         self._count = torch.zeros(C, dtype=torch.int64, device=dev)
-        self._mean = torch.zeros(C, dtype=torch.float64, device=dev)
-        self._m2 = torch.zeros(C, dtype=torch.float64, device=dev)
+        self._sums = ExactSum((3, C), dev)  # rows _S, _Q, _R
         self._max = torch.full((C,), float("-inf"), dtype=torch.float32, device=dev)
         self._hist = torch.zeros(C, _NSLOTS, dtype=torch.int64, device=dev)
         self._ones = torch.ones(0, dtype=torch.int64, device=dev)
@@ -176,18 +203,14 @@ class RunningStats:
         if self._npending >= _FLUSH_AT:
             self._flush()
 
+    @torch.inference_mode()
     def _flush(self) -> None:
         """Count the buffered batches: a few large ops instead of many small ones per batch, and
         the histogram (MBs) read while it stays in cache, not once per batch after the
         activations have evicted it."""
         if self._pending_maps:
             count, mean, m2, rmax = (torch.cat(t) for t in zip(*self._pending_maps, strict=True))
-            # the buffered maps as one group per channel (Chan's formula over many groups)
-            n = count.sum(0)
-            w = count.double()
-            group_mean = (w * mean).sum(0) / n.clamp(min=1)
-            group_m2 = m2.sum(0) + (w * (mean - group_mean).square()).sum(0)
-            self._combine(n, group_mean, group_m2)
+            self._add_maps(count, mean, m2)
             self._max = torch.maximum(self._max, rmax.amax(0))
         for idx in self._pending_slots:
             if self._ones.numel() < idx.numel():
@@ -195,15 +218,31 @@ class RunningStats:
             self._hist.view(-1).index_add_(0, idx, self._ones[: idx.numel()])
         self._pending_maps, self._pending_slots, self._npending = [], [], 0
 
-    def _combine(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Fold a group's per-channel (count, mean, M2) into the state (Chan et al.'s formula)."""
-        total = self._count + n
-        share = n.double() / total.clamp(min=1)
-        delta = mean - self._mean
-        self._m2 = self._m2 + m2 + delta.square() * self._count.double() * share
-        self._mean = self._mean + delta * share
-        self._count = total
+    def _add_maps(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add (M, C) maps' count, mean and M2 to the exact sums (pieces that are zero in every
+        map, e.g. all but one for (N, C) nodes, are skipped: they add nothing)."""
+        M, C = count.shape
+        cell = torch.arange(C, device=self.device).expand(M, C)
+        if bool((count <= 1).all()) and not bool(m2.any()):
+            # one value per map ((N, C) nodes): s is that float32 value, r = s^2 is exact in
+            # float64 and splits into two pieces; the general way gives the same pieces
+            s = mean.float()
+            r = split_float64(s.double().square())[:2]
+            cells = torch.stack([cell + _S * C, cell + _R * C, cell + _R * C])
+            self._sums.add(torch.cat([s[None], r]), cells, per_cell=3 * M)
+        else:
+            w = count.double()
+            s = w * mean.double()
+            r_hi, r_lo = _square_over(s, w)
+            rows = (_S, _Q, _R, _R)
+            pieces = torch.cat([split_float64(x) for x in (s, m2.double(), r_hi, r_lo)])
+            keep = pieces.flatten(1).ne(0).any(1).nonzero().squeeze(1).tolist()
+            if keep:
+                cells = torch.stack([cell + rows[k // 3] * C for k in keep])
+                self._sums.add(pieces[keep], cells, per_cell=M * len(keep))
+        self._count += count.sum(0)
 
+    @torch.inference_mode()
     def merge(self, other: RunningStats) -> None:
         """Fold another accumulator of the same node into this one, in place.
 
@@ -216,7 +255,8 @@ class RunningStats:
         self._flush()
         other._flush()
         dev = self.device
-        self._combine(other._count.to(dev), other._mean.to(dev), other._m2.to(dev))
+        self._count += other._count.to(dev)
+        self._sums.merge(other._sums)
         self._max = torch.maximum(self._max, other._max.to(dev))
         self._hist += other._hist.to(dev)
 
@@ -228,17 +268,35 @@ class RunningStats:
             q: (Q,) float32, the quantile levels.
         """
         self._flush()
-        empty = self._count == 0
-        nan = float("nan")
-        std = (self._m2 / self._count.double()).sqrt()
+        mean, std = self._mean_std()
         return {
             "count": self._count.clone(),
-            "mean": self._mean.masked_fill(empty, nan).float(),
-            "std": std.float(),
-            "max": self._max.masked_fill(empty, nan),
+            "mean": mean.float().to(self.device),
+            "std": std.float().to(self.device),
+            "max": self._max.masked_fill(self._count == 0, float("nan")),
             "quantile": self._quantiles().float(),
             "q": torch.tensor(self.quantiles, dtype=torch.float32, device=self.device),
         }
+
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) float64 mean and std from the exact sums, each rounded once from exact (CPU)."""
+        C = self.channels
+        exact = self._sums.exact()
+        nf = self._sums.nonfinite_counts()
+        pos, neg, nan = ((nf[k, _S] > 0).tolist() for k in (POS_INF, NEG_INF, NAN))
+        bad = (nf.flatten(0, 1) > 0).any(0).tolist()  # any non-finite S, Q or R piece
+        mean, std = [], []
+        for c, n in enumerate(self._count.cpu().tolist()):
+            S, Q, R = exact[_S * C + c], exact[_Q * C + c], exact[_R * C + c]
+            if n == 0 or nan[c] or (pos[c] and neg[c]):
+                mean.append(math.nan)
+            else:
+                mean.append(math.inf if pos[c] else -math.inf if neg[c] else float(S / n))
+            if n == 0 or bad[c]:
+                std.append(math.nan)
+            else:
+                std.append(math.sqrt(float((Q + max(R - S * S / n, 0)) / n)))
+        return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 
     def _quantiles(self) -> torch.Tensor:
         h = self._hist[:, :_NBINS]
@@ -274,44 +332,59 @@ class RunningStats:
             raise ValueError("cannot combine RunningStats that differ: " + "; ".join(diff))
 
     def state_dict(self) -> dict:
-        """Plain data: config, "version" and CPU tensors count, mean, m2 (float64), max, hist."""
+        """Plain data, canonical (equal states give equal dicts): config, "version" and CPU
+        tensors "count" (C,) int64, "sums" (9, 3, C) int64 (the exact sums of rows S, Q, R in
+        carried 32-bit limbs, units of 2^-149: sum_j sums[j] * 2^(32 j - 149)), "nonfinite"
+        (3, 3, C) int64 (counts of +inf, -inf, NaN pieces per row), "max", "hist"."""
         self._flush()
         return {
             "version": _VERSION,
             **self._config(),
             "count": self._count.cpu().clone(),
-            "mean": self._mean.cpu().clone(),
-            "m2": self._m2.cpu().clone(),
+            "sums": self._sums.canonical(trim=False)[1],
+            "nonfinite": self._sums.nonfinite_counts(),
             "max": self._max.cpu().clone(),
             "hist": self._hist.cpu().clone(),
         }
 
+    @torch.inference_mode()
     def load_state_dict(self, sd: dict) -> None:
         """Restore a state from `state_dict` exactly.
 
-        A version-1 state (float64 ``sum`` and ``sumsq`` instead of ``mean`` and ``m2``, from
-        files written before) is converted; its M2 keeps the cancellation of ``sumsq - sum^2/n``.
+        States of files written before are converted, each channel as one map: version 2 (float64
+        ``mean`` and ``m2``, merged by Chan's formula) and version 1 (float64 ``sum`` and
+        ``sumsq``; its M2 keeps the cancellation of ``sumsq - sum^2/n``). They are recognised by
+        those keys, so a fresh state updated with an old file's tensors (as merge does) loads too.
 
         Raises:
             ValueError: on an unknown version or a config that differs from this accumulator's.
         """
-        if sd.get("version") not in (1, _VERSION):
+        if sd.get("version") not in (1, 2, _VERSION):
             raise ValueError(
                 f"RunningStats state version {sd.get('version')!r} is not supported "
                 f"(expected {_VERSION})"
             )
         self._check_same({n: sd.get(n) for n in self._config()}, "the state dict")
-        dev = self.device
-        count = sd["count"].to(dev, torch.int64).clone()
-        if "sumsq" in sd:  # version 1
-            total = sd["sum"].to(dev, torch.float64)
-            mean = total / count.clamp(min=1)
-            m2 = (sd["sumsq"].to(dev, torch.float64) - total * mean).clamp(min=0)
+        dev, C = self.device, self.channels
+        count = torch.as_tensor(sd["count"]).to(dev, torch.int64).clone()
+        self._sums = ExactSum((3, C), dev)
+        self._count = torch.zeros(C, dtype=torch.int64, device=dev)
+        if "sumsq" in sd or "m2" in sd:  # version 1 or 2
+            if "sumsq" in sd:
+                total = torch.as_tensor(sd["sum"]).to(dev, torch.float64)
+                mean = total / count.clamp(min=1)
+                m2 = (torch.as_tensor(sd["sumsq"]).to(dev, torch.float64) - total * mean).clamp(
+                    min=0
+                )
+            else:
+                mean = torch.as_tensor(sd["mean"]).to(dev, torch.float64)
+                m2 = torch.as_tensor(sd["m2"]).to(dev, torch.float64)
+            self._add_maps(count[None], mean[None], m2[None])
         else:
-            mean, m2 = sd["mean"].to(dev, torch.float64), sd["m2"].to(dev, torch.float64)
-        self._count, self._mean, self._m2 = count, mean.clone(), m2.clone()
-        self._max = sd["max"].to(dev, torch.float32).clone()
-        self._hist = sd["hist"].to(dev, torch.int64).clone()
+            self._sums.load(0, torch.as_tensor(sd["sums"]).reshape(LIMBS, 3, C), sd["nonfinite"])
+            self._count = count
+        self._max = torch.as_tensor(sd["max"]).to(dev, torch.float32).clone()
+        self._hist = torch.as_tensor(sd["hist"]).to(dev, torch.int64).clone()
         self._pending_maps, self._pending_slots, self._npending = [], [], 0
 
     @classmethod
@@ -326,8 +399,9 @@ class RunningStats:
         self._flush()
         self.device = torch.device(device)
         self._sync_free = self.device.type != "cpu"
-        for name in ("_count", "_mean", "_m2", "_max", "_hist", "_ones", "_table", "_offsets"):
+        for name in ("_count", "_max", "_hist", "_ones", "_table", "_offsets"):
             setattr(self, name, getattr(self, name).to(self.device))
+        self._sums.to(self.device)
         return self
 
     def __repr__(self) -> str:

@@ -14,12 +14,16 @@ as the output key; the node it means is recorded beside it.
 
 from __future__ import annotations
 
+import copy
+import inspect
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
@@ -40,12 +44,23 @@ __all__ = [
     "Tap",
 ]
 
-# Batches are padded to a multiple of this many images before the forward pass: CPU kernels pick code
-# paths by batch size, so an unpadded forward could change an activation's last bits with the batch
-# size, and with it the result file. PyTorch runs a float32 1x1 convolution single-threaded with its
-# native kernel below a batch of 16 and with oneDNN from 16 on (ATen's ConvParams::use_mkldnn), and
-# the two sum in different orders: 16, not 8, so that every forward takes the oneDNN path.
+# The model always runs on chunks of a fixed number of images (the last one padded with zero images):
+# kernels pick code paths by batch shape (a batch of 1, a GEMM row remainder, oneDNN's choice of
+# algorithm for the thread count), so a forward whose batch shape followed the batch size could
+# change an activation's last bits with it, and with them the result file. With one chunk shape per
+# device, an image's activations are the same bits whatever the batch size and thread count (only the
+# padding waste changes). CPU: 16 images, as PyTorch runs a float32 1x1 convolution single-threaded
+# with its native kernel below a batch of 16 and with oneDNN from 16 on (ATen's
+# ConvParams::use_mkldnn). CUDA and other accelerators: 32, the CLI's default batch size, enough to
+# keep a GPU busier (a smaller batch is padded up to it).
 BATCH_MULTIPLE = 16
+CHUNK = {"cpu": BATCH_MULTIPLE}
+DEVICE_CHUNK = 32
+
+
+def chunk_size(device: torch.device | str) -> int:
+    """Images per forward pass on ``device`` (its type: cpu, cuda, ...)."""
+    return CHUNK.get(torch.device(device).type, DEVICE_CHUNK)
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -271,12 +286,236 @@ def select_layers(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Keeping tapped values intact in the extractor graph
+#
+# The extractor returns its nodes' tensors after the whole graph has run, so a tapped tensor that a
+# later node changes in place (``nn.ReLU(inplace=True)``, ``x += y``, ``x.relu_()``) would read as
+# the changed one. Tensors that may share memory are grouped (views, in-place results, and, to be
+# safe, the outputs of leaf modules and functions that are not torch's); a mutation of a tapped
+# node's group after it is either made out of place in the extractor's graph (when nothing later
+# reads the old memory) or, failing that, the tapped node is cloned for the output.
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    operator.ifloordiv: operator.floordiv,
+    operator.imod: operator.mod,
+    operator.ipow: operator.pow,
+    operator.imatmul: operator.matmul,
+    operator.iand: operator.and_,
+    operator.ior: operator.or_,
+    operator.ixor: operator.xor,
+}
+
+# ops (Tensor methods, torch / F functions, getattr names) whose output may share their input's memory
+_VIEWS = frozenset(
+    "view view_as reshape reshape_as flatten unflatten transpose permute squeeze unsqueeze expand "
+    "expand_as narrow select t T mT H mH contiguous detach unfold as_strided chunk split "
+    "tensor_split unbind movedim moveaxis swapaxes swapdims diagonal real imag to type type_as "
+    "float cpu cuda data __getitem__ getitem dropout dropout1d dropout2d dropout3d alpha_dropout "
+    "feature_alpha_dropout".split()
+)
+_VIEW_MODULES = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _is_torch_function(f) -> bool:
+    return f in _INPLACE_OPERATORS or getattr(f, "__module__", None) in (
+        "torch",
+        "torch._C._nn",
+        "torch.nn.functional",
+        "torch._VariableFunctions",
+        "_operator",
+        "operator",
+        "builtins",
+    )
+
+
+def _name(f) -> str:
+    return getattr(f, "__name__", "")
+
+
+def _inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _bound(node: fx.Node) -> inspect.BoundArguments | None:
+    try:
+        return inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mutated(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``node`` changes in place, if any."""
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        hit = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    elif node.op == "call_method":
+        hit = _inplace_name(node.target)
+    elif node.op == "call_function":
+        if isinstance(node.kwargs.get("out"), fx.Node):
+            return node.kwargs["out"]
+        f = node.target
+        hit = f in _INPLACE_OPERATORS or f is operator.setitem
+        hit = hit or (_is_torch_function(f) and _inplace_name(_name(f)))
+        hit = hit or node.kwargs.get("inplace") is True
+        if not hit and "inplace" not in node.kwargs and (b := _bound(node)) is not None:
+            hit = b.arguments.get("inplace") is True
+    else:
+        return None
+    return first if hit and isinstance(first, fx.Node) else None
+
+
+def _alias_parents(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose memory ``node``'s output may share."""
+    if (m := _mutated(gm, node)) is not None:
+        return [m]
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _VIEW_MODULES):
+            return [first] if first is not None else []
+        if type(module).__module__.startswith("torch.nn"):
+            return []
+    elif node.op == "call_method":
+        return [first] if node.target in _VIEWS and first is not None else []
+    elif node.op == "call_function" and _is_torch_function(node.target):
+        f = node.target
+        view = _name(f) in _VIEWS or f is operator.getitem
+        view = view or (f is getattr and len(node.args) > 1 and node.args[1] in _VIEWS)
+        return [first] if view and first is not None else []
+    elif node.op in ("placeholder", "get_attr", "output"):
+        return []
+    return list(node.all_input_nodes)  # a leaf module or function we do not know: assume it may
+
+
+def _groups(gm: fx.GraphModule, graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Node -> a representative of the nodes that may share its memory."""
+    root: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while root.setdefault(n, n) is not n:
+            n = root[n]
+        return n
+
+    for node in graph.nodes:
+        for p in _alias_parents(gm, node):
+            root[find(node)] = find(p)
+    return {n: find(n) for n in graph.nodes}
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Rewrite an in-place ``node`` to its out-of-place form; False when there is none."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+            return False
+        clone = copy.deepcopy(module)  # the user's module (shared with the model) keeps its flag
+        clone.inplace = False
+        name = next(
+            f"_out_of_place_{i}"
+            for i in range(len(gm._modules) + 1)
+            if not hasattr(gm, f"_out_of_place_{i}")
+        )
+        gm.add_submodule(name, clone)
+        node.target = name
+    elif node.op == "call_method":
+        if not (_inplace_name(node.target) and hasattr(torch.Tensor, node.target[:-1])):
+            return False
+        node.target = node.target[:-1]
+    elif node.target in _INPLACE_OPERATORS:
+        node.target = _INPLACE_OPERATORS[node.target]
+    elif _inplace_name(name := _name(node.target)) and _is_torch_function(node.target):
+        for space in (torch, F):
+            if getattr(space, name, None) is node.target and hasattr(space, name[:-1]):
+                node.target = getattr(space, name[:-1])
+                return True
+        return False
+    elif node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif (b := _bound(node)) is not None and b.arguments.get("inplace") is True:
+        b.arguments["inplace"] = False
+        node.args, node.kwargs = b.args, b.kwargs
+    else:
+        return False
+    return True
+
+
+def _old_memory_read_later(gm: fx.GraphModule, graph: fx.Graph, mutation: fx.Node) -> bool:
+    """Whether a node after ``mutation`` reads the mutated memory other than through its result."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups = _groups(gm, graph)
+    group = groups[_mutated(gm, mutation)]
+    through = {mutation}  # the mutation's result and its views
+    for n in graph.nodes:
+        if order[n] > order[mutation]:
+            parents = _alias_parents(gm, n)
+            if parents and all(p in through for p in parents):
+                through.add(n)
+    return any(
+        order[user] > order[mutation] and user.op != "output"
+        for n in graph.nodes
+        if groups[n] is group and n not in through
+        for user in n.users
+        if user is not mutation
+    )
+
+
+def _keep_tapped_values(gm: fx.GraphModule) -> None:
+    """Make the extractor return each tapped node's value as it was computed (see above)."""
+    graphs = [getattr(gm, "train_graph", gm.graph), getattr(gm, "eval_graph", gm.graph)]
+    for graph in {id(g): g for g in graphs}.values():
+        _keep_graph_values(gm, graph)
+    gm.recompile()
+
+
+def _keep_graph_values(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    (output,) = (n for n in graph.nodes if n.op == "output")
+    while True:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        groups = _groups(gm, graph)
+        hazard = next(
+            (
+                (tapped, node)
+                for tapped in output.all_input_nodes
+                for node in graph.nodes
+                if order[node] > order[tapped]
+                and (m := _mutated(gm, node)) is not None
+                and groups[m] is groups[tapped]
+            ),
+            None,
+        )
+        if hazard is None:
+            return
+        tapped, mutation = hazard
+        if not _old_memory_read_later(gm, graph, mutation) and _out_of_place(gm, mutation):
+            continue
+        with graph.inserting_after(tapped):
+            kept = graph.call_method("clone", (tapped,))
+        output.replace_input_with(tapped, kept)
+
+
 class Tap(nn.Module):
     """A model cut down to the chosen nodes, fed uint8 pixels.
 
     Calling it with ``pixels`` (N, 3, S, S) uint8 returns ``{node: (N, C, H, W) or (N, C)}`` float32
-    activations: the pixels are scaled to [0, 1], normalized with the model's mean/std and the batch
-    is padded to a multiple of ``BATCH_MULTIPLE`` (the padding rows are dropped from the output).
+    activations: the pixels are scaled to [0, 1], normalized with the model's mean/std and the model
+    runs on chunks of ``chunk_size(device)`` images, the last one padded (the padding rows are dropped
+    from the output), so that the output does not depend on the batch size. A tapped node's value is
+    the one it had when computed, even when a later node changes it in place.
     ``layers`` may hold module names: torchvision resolves them by the rule of `module_outputs`,
     and the output keeps the names as given.
     ``views`` (`Layers.views`) names, for token, prefix (``@cls``) and channel-last nodes, the
@@ -296,18 +535,30 @@ class Tap(nn.Module):
         self.views = {n: views[n] for n in self.layers if n in (views or {})}
         tapped = list(dict.fromkeys(self.views[n].node if n in self.views else n for n in layers))
         self.extractor = create_feature_extractor(model.eval(), return_nodes=tapped)
+        _keep_tapped_values(self.extractor)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         n = pixels.shape[0]
-        pad = -n % BATCH_MULTIPLE
+        chunk = chunk_size(pixels.device)
+        pad = -n % chunk
         x = (pixels.float() - self.mean) / self.std
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-        out = self.extractor(x)
+        outs = [self.extractor(part) for part in x.split(chunk)]
+        last = n - chunk * (len(outs) - 1)  # real images in the last chunk
         views = self.views
         return {
-            k: (views[k](out[views[k].node][:n]) if k in views else out[k][:n]).float()
+            k: (
+                views[k](_rows(outs, views[k].node, last)) if k in views else _rows(outs, k, last)
+            ).float()
             for k in self.layers
         }
+
+
+def _rows(outs: list[dict[str, torch.Tensor]], node: str, last: int) -> torch.Tensor:
+    """A node's output from every chunk, stacked, without the last chunk's padding rows."""
+    parts = [o[node] for o in outs]
+    parts[-1] = parts[-1][:last]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

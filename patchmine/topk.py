@@ -193,22 +193,13 @@ class TopK:
     def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
                       N: int, maps: Maps | None) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
-        C, k = self.channels, self.k
+        C = self.channels
         if maps is not None:
             m, has_nan = maps.max, maps.nan
         else:
             m, has_nan = map_max(x.float())
             m = m.view(N, C)
-        t_score = self._score.view(C, k)[:, -1]
-        t_key = self._key.view(C, k)[:, -1]
-        # a -inf map kept while its channel has free slots is pushed as an unused slot
-        keep = (m > t_score) | ((m == t_score) & (img_l[:, None] <= t_key))
-        rows = keep.view(-1).nonzero().squeeze(1)
-        if rows.numel() > k * C and N > k:
-            # more candidates than can enter (the first batches of a run): a map below the k-th
-            # best max of its channel in this batch has k entries above it
-            keep &= m >= m.topk(k, dim=0).values[-1]
-            rows = keep.view(-1).nonzero().squeeze(1)
+        rows = self._candidates(m, img_l)
         if rows.numel() == 0:
             return
         chan = rows % C
@@ -221,6 +212,23 @@ class TopK:
             self._push(chan, m.view(-1)[rows], base + loc)
         else:
             self._push_nms(x[rows], chan, base)
+
+    def _candidates(self, m: torch.Tensor, img_l: torch.Tensor) -> torch.Tensor:
+        """Flat indices ``n * C + c`` of the maps (maxima ``m`` (N, C), keys of their location 0
+        ``img_l`` (N,)) that may enter the state; `_add_filtered` reads no other map."""
+        C, k = self.channels, self.k
+        N = m.shape[0]
+        t_score = self._score.view(C, k)[:, -1]
+        t_key = self._key.view(C, k)[:, -1]
+        # a -inf map kept while its channel has free slots is pushed as an unused slot
+        keep = (m > t_score) | ((m == t_score) & (img_l[:, None] <= t_key))
+        rows = keep.view(-1).nonzero().squeeze(1)
+        if rows.numel() > k * C and N > k:
+            # more candidates than can enter (the first batches of a run): a map below the k-th
+            # best max of its channel in this batch has k entries above it
+            keep &= m >= m.topk(k, dim=0).values[-1]
+            rows = keep.view(-1).nonzero().squeeze(1)
+        return rows
 
     def _add_dense(self, x: torch.Tensor, img_l: torch.Tensor, N: int) -> None:
         """Device path without host syncs: every map yields its candidates."""

@@ -130,20 +130,14 @@ def h5_attrs(path: Path) -> dict[str, dict]:
 
 
 def assert_same_file(a: Path, b: Path) -> None:
-    """Identical datasets (NaN == NaN) and attributes, creation time aside.
-
-    The one exception is the statistics' float64 accumulators under ``stats/state``: sums taken in
-    another grouping (batches, shards) may differ in their last bits (relative 1e-12); every schema
-    dataset, the float32 ``stats/mean`` and ``stats/std`` included, must be bit-identical.
-    """
+    """Identical datasets (NaN == NaN) and attributes, creation time aside: every dataset, the
+    statistics and their exact integer state under ``stats/state`` included, bit for bit."""
     da, db = h5_datasets(a), h5_datasets(b)
     assert sorted(da) == sorted(db)
     for key in da:
         x, y = da[key], db[key]
         assert x.shape == y.shape, key
-        if "/stats/state/" in key and x.dtype == np.float64:
-            assert np.allclose(x, y, rtol=1e-12, atol=0, equal_nan=True), key
-        elif x.dtype.kind == "f":
+        if x.dtype.kind == "f":
             assert np.array_equal(x, y, equal_nan=True), key
         else:
             assert np.array_equal(x, y), key

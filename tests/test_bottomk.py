@@ -136,3 +136,32 @@ def test_bottom_k_state_is_not_a_top_k_state():
         BottomK(2, 4, fmap_hw=(2, 2)).load_state_dict(sd)
     with pytest.raises(TypeError):
         bk.merge(tk)
+
+
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_long_stream_negates_only_the_maps_that_can_enter(per_image, monkeypatch):
+    """Once the state is full, most maps of a batch cannot enter and are left un-negated (their
+    rows are never read): a long stream in small batches still equals brute force."""
+    N, C, k, hw, rf = 120, 4, 3, (5, 5), (3, 3)
+    rng = np.random.default_rng(7)
+    acts = rng.standard_normal((N, C, *hw)).astype(np.float32)  # few maps reach the bottom 3
+    acts[50:52] = planted(7, 4, C, *hw)[:2] - 9  # ties, NaN, +-inf, -0.0 among the winners
+    acts[90] = acts[51]  # a later duplicate: ties across images
+    want = brute_bottom_k(acts, k, per_image, rf, (1, 1))
+    partial = {"n": 0}
+    real = torch.empty_like
+
+    def counting(t, *a, **kw):  # the partial branch allocates its buffer with empty_like
+        partial["n"] += 1
+        return real(t, *a, **kw)
+
+    monkeypatch.setattr(torch, "empty_like", counting)
+    bk = BottomK(C, k, per_image, hw, rf, (1, 1))
+    x = torch.from_numpy(acts)
+    for lo in range(0, N, 7):
+        bk.add(x[lo : lo + 7], torch.arange(lo, min(lo + 7, N)))
+        if lo % 28 == 0:
+            bk.result()  # a look at the state also brings its pending entries in
+    monkeypatch.undo()
+    assert partial["n"] > 5
+    assert_matches(bk.result(), want)

@@ -125,6 +125,9 @@ def test_result_file_reads_in_hdf5_tools(tmp_path, tiny_model):
         assert f["images/ok"].dtype == bool and not f["images/ok"][()].all()
         assert f["layers/pool/heat"].dtype == np.float16 and f["layers/pool/heat"].chunks
         assert f["layers/head"].attrs["rf_whole"].dtype == bool
+        # v2 compact forms: gzip patches, whole-field patches once per image
+        assert f["layers/pool/patch"].compression == "gzip" and "patch_ref" in f["layers/head"]
+        assert f["thumbs/patch"].compression == "gzip"
 
     dump = subprocess.run(["h5dump", str(out)], capture_output=True, text=True, timeout=120)
     assert dump.returncode == 0, dump.stderr[-2000:]
@@ -136,7 +139,8 @@ def test_result_file_reads_in_hdf5_tools(tmp_path, tiny_model):
     assert dump.stdout.count('DATASET "') == len(datasets)
     assert dump.stdout.count('ATTRIBUTE "') == len(attrs)
     # each dataset and attribute by its own path too (what a user's script does)
-    for name in ["/images/ok", "/images/transform", "/layers/pool/heat"]:
+    for name in ["/images/ok", "/images/transform", "/layers/pool/heat", "/layers/pool/patch",
+                 "/thumbs/patch", "/layers/head/patch_ref"]:
         one = subprocess.run(["h5dump", "-d", name, str(out)], capture_output=True, text=True)
         assert one.returncode == 0 and "DATA {" in one.stdout, (name, one.stderr)
     one = subprocess.run(

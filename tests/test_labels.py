@@ -467,3 +467,15 @@ def test_embedded_logits_class_means_find_their_class(tmp_path):
     channel = [2 * j for j in range(len(names))]  # class index of the j-th sorted wnid
     hits = sum(int(class_mean[c].argmax()) == j for j, c in enumerate(channel))
     assert hits >= 0.85 * len(names), (hits, cats[channel[0]])
+
+
+def test_class_means_made_under_inference_mode_merge_outside_it():
+    """A first pass fills its accumulators under torch.inference_mode; a torchrun merge after it
+    runs outside (tensors made in that mode cannot be updated in place outside it)."""
+    a, b = ClassMeans(3, 2), ClassMeans(3, 2)
+    with torch.inference_mode():
+        a.add(torch.tensor([[1.0, -2.0, float("nan")]]), torch.tensor([0]))
+        b.add(torch.tensor([[4.0, 0.5, float("inf")]]), torch.tensor([0]))
+    a.merge(b)
+    mean, _ = a.result()
+    assert mean[:, 0].tolist()[:2] == [2.5, -0.75] and math.isnan(mean[2, 0])

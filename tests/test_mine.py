@@ -60,8 +60,30 @@ def _iou(a, b) -> float:
     return inter / (2 * area - inter)
 
 
-def brute_force(model, layers, size, corpus_dir, k, per_image):
-    """Every activation of every image, sorted by hand: the reference the file must equal."""
+def inside_by_pixels(field, fmap_hw, size: int) -> np.ndarray:
+    """(H, W): the pixels of each unit's box inside the input, counted one by one, over the most a
+    box of that size can have inside (its area, or the input's side per axis when larger)."""
+    h, w = fmap_hw
+    out = np.ones((h, w))
+    if field.whole:
+        return out
+    most = min(field.size[0], size) * min(field.size[1], size)
+    for y in range(h):
+        for x in range(w):
+            y0, x0, y1, x1 = _box(field, y, x, size)
+            ys, xs = np.arange(y0, y1), np.arange(x0, x1)
+            inside = ((ys >= 0) & (ys < size))[:, None] & ((xs >= 0) & (xs < size))[None, :]
+            out[y, x] = int(inside.sum()) / most
+    return out
+
+
+def brute_force(model, layers, size, corpus_dir, k, per_image, min_inside=None, bottom=False):
+    """Every activation of every image, sorted by hand: the reference the file must equal (with
+    ``min_inside``, over the units whose box has at least that share inside the input).
+
+    With ``bottom`` the k most negative entries (``--bottom-k``), ascending, under the same rules.
+    """
+    sign = -1.0 if bottom else 1.0  # rank by sign * activation, best first
     lm = load_model(model, "none", size)
     corpus = discover([corpus_dir])
     ds = CorpusDataset(corpus, size)
@@ -83,6 +105,9 @@ def brute_force(model, layers, size, corpus_dir, k, per_image):
         a = np.stack(acts[n])  # (N, C, H, W)
         _, c, h, w = a.shape
         loc_boxes = [_box(fields[n], *divmod(j, w), size) for j in range(h * w)]
+        allowed = np.ones(h * w, bool)
+        if min_inside is not None:
+            allowed = inside_by_pixels(fields[n], (h, w), size).reshape(-1) >= min_inside
         score = np.full((c, k), np.nan, np.float32)
         image = np.full((c, k), -1, np.int64)
         yx = np.zeros((c, k, 2), np.int32)
@@ -90,17 +115,17 @@ def brute_force(model, layers, size, corpus_dir, k, per_image):
             entries = []
             for row, img in enumerate(index):
                 flat = a[row, ch].reshape(-1)
-                order = sorted(range(h * w), key=lambda j, f=flat: (-f[j], j))
+                order = sorted(np.flatnonzero(allowed), key=lambda j, f=flat: (-sign * f[j], j))
                 kept: list[int] = []
                 for j in order:
                     if len(kept) == per_image:
                         break
                     if all(_iou(loc_boxes[j], loc_boxes[q]) <= 0.5 for q in kept):
                         kept.append(j)
-                entries += [(-float(flat[j]), img, j) for j in kept]
+                entries += [(-sign * float(flat[j]), img, j) for j in kept]
             entries.sort()
-            for slot, (neg, img, j) in enumerate(entries[:k]):
-                score[ch, slot], image[ch, slot] = -neg, img
+            for slot, (key, img, j) in enumerate(entries[:k]):
+                score[ch, slot], image[ch, slot] = -sign * key, img
                 yx[ch, slot] = divmod(j, w)
         ref[n] = (score, image, yx, a)
     return ref, fields

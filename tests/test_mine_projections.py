@@ -69,7 +69,8 @@ def test_zero_outside_the_box_clipped_to_the_input(mined, method):
             lr = r.layer(name)
             assert lr.projection_attrs["method"] == method
             ds = lr._g["projection"]
-            assert ds.dtype == np.float16 and ds.shape == lr._g["patch"].shape
+            assert ds.dtype == np.float16 and ds.shape[:2] == lr.score.shape  # per slot, also
+            # where whole-input patches are stored once per image (patch_ref)
             for c in range(lr.channels):
                 proj = lr.projection(c)
                 assert proj.dtype == np.float32 and proj.shape == lr.patches(c).shape
@@ -279,3 +280,24 @@ def test_token_and_cls_nodes(tmp_path):
                 assert p.shape[:2] == (y1 - y0, x1 - x0) == (8, 8) and p.any()
         cls = r.layer(f"{POST}@cls").projection(0)
         assert cls.shape == (3, S, S, 3) and all(cls[s].any() for s in range(3))
+
+
+def test_bottom_k_entries_get_projections(tmp_path, corpus, tiny_model):
+    """With --bottom-k, bottom/projection too (0 outside the box), and `project` adds both."""
+    with_, without = tmp_path / "w.h5", tmp_path / "p.h5"
+    mine([corpus], with_, **_settings(tiny_model, bottom_k=True, projection="deconvnet"))
+    mine([corpus], without, **_settings(tiny_model, bottom_k=True))
+    with store.open_result(with_) as r:
+        s = int(r.attrs["input_size"])
+        for name in ["conv2", "add"]:  # nodes that go negative
+            b = r.layer(name).bottom
+            assert b.projection_attrs["method"] == "deconvnet"
+            for c in range(b.channels):
+                for slot in np.flatnonzero(b.image[c] >= 0):
+                    y0, x0, y1, x1 = (int(v) for v in b.box[c, slot])
+                    p = b.projection(c)[slot]
+                    inside = np.zeros(p.shape[:2], bool)
+                    inside[max(0, -y0) : min(s, y1) - y0, max(0, -x0) : min(s, x1) - x0] = True
+                    assert not p[~inside].any() and p[inside].any()
+    project(without, "deconvnet", batch_size=3, workers=0, progress=False)
+    assert_same_file(with_, without)

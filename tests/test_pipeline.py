@@ -251,6 +251,11 @@ def test_demo_corpus_is_deterministic_and_idempotent(tmp_path):
     b = demo_corpus.build(tmp_path / "b", quiet=True)
     assert 150 <= len(a) <= 400
     assert [p.name for p in a] == [p.name for p in b]
+    rows = (tmp_path / "a" / demo_corpus.LABELS).read_text().splitlines()  # each crop's photo
+    assert rows[0] == "path,label"
+    assert sorted(r.split(",")[0] for r in rows[1:]) == [p.name for p in a]
+    assert all(p.startswith(f"sk_{label}_s") for p, label in (r.split(",") for r in rows[1:]))
+    assert 5 <= len({r.split(",")[1] for r in rows[1:]}) <= 15
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
     mtimes = [p.stat().st_mtime_ns for p in a]
     (tmp_path / "a" / "sk_stale.jpg").write_bytes(b"old")

@@ -622,22 +622,28 @@ def _file_size_limit(limit: int):
 
 
 def test_full_disk_during_write_then_resume(tmp_path, fault_corpus, tiny_model):
-    corpus, ref = fault_corpus
+    corpus, _ = fault_corpus
+    # 128 px inputs: a (compressed) result larger than the checkpoint (~0.31 MB)
+    args = ["128" if a == "64" else a for a in MINE_ARGS]
+    ref = tmp_path / "ref" / "ref.h5"
+    ref.parent.mkdir()
+    assert cli.main(["mine", str(corpus), "--out", str(ref), "--model", tiny_model, *args,
+                     "-j", "0"]) == 0  # fmt: skip
     out = tmp_path / "run.h5"
-    argv = ["mine", corpus, "--out", out, "--model", tiny_model, *MINE_ARGS, "-j", "0"]
-    # room for the checkpoint (~0.3 MB) and the second pass's scratch arrays, not the result
-    assert os.path.getsize(ref) > 600_000
-    p = _popen(argv, preexec_fn=_file_size_limit(500_000))
+    argv = ["mine", corpus, "--out", out, "--model", tiny_model, *args, "-j", "0"]
+    # room for the checkpoint and the second pass's scratch arrays, not the result
+    assert os.path.getsize(ref) > 380_000
+    p = _popen(argv, preexec_fn=_file_size_limit(350_000))
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "cannot write" in err and "File too large" in err and "disk is full" in err, err
     assert f"{out}.ckpt" in err and "--resume" in err, err
-    assert _leftovers(tmp_path) == ["run.h5.ckpt"]
+    assert _leftovers(tmp_path, "ref") == ["run.h5.ckpt"]
     assert store.load_checkpoint(f"{out}.ckpt")["cursor"] == len(os.listdir(corpus))
     assert cli.main([str(a) for a in argv] + ["--resume"]) == 0  # space is back
-    assert _leftovers(tmp_path) == ["run.h5"]
+    assert _leftovers(tmp_path, "ref") == ["run.h5"]
     assert_same_file(ref, out)
 
 

@@ -188,6 +188,7 @@ def odd_parts(tmp_path_factory, corpus2, tiny_model) -> dict[str, Path]:
         "k": {"k": 3},
         "layers": {"layers": ["pool", "add"]},
         "model": {"model": f"{other_model}:build"},
+        "inside": {"min_inside": 0.6},
     }
     parts = {}
     for name, change in runs.items():
@@ -216,6 +217,7 @@ def odd_parts(tmp_path_factory, corpus2, tiny_model) -> dict[str, Path]:
         (["a0", "k1"], "k differs (4 vs 3)"),
         (["a0", "layers1"], "layers differs"),
         (["a0", "model1"], "model differs"),
+        (["a0", "inside1"], "--min-inside differs ('off' vs 0.6)"),
         (["a0"], "missing shard(s) 1/2"),
         (["a1", "a0", "a1"], "shard 1/2 is given twice"),
         (["a0", "a1", "plain"], "not a patchmine result file"),

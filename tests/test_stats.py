@@ -157,7 +157,7 @@ def test_state_dict_round_trip_through_torch_save():
     torch.save(rs.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    assert sd["version"] == 2
+    assert sd["version"] == 3
     back = RunningStats.from_state_dict(sd)
     assert_identical(back.result(), rs.result())
     more = make_acts(rng, (5, 4, 3, 3))
@@ -305,3 +305,124 @@ def test_buffering_does_not_change_results(flush_at, monkeypatch):
     sd = rs.state_dict()  # counts what is buffered
     assert int(sd["hist"][:, :-1].sum()) == int(sd["count"].sum())  # the last slot: NaN
     assert_identical(rs.result(), want)
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def _tie_acts(rng, n, c, h, w):
+    """Maps of values 1 and 1 + 2^-23 (and their scaled copies): channel means sit on or near
+    float32 rounding ties, where any rounding in the accumulation can flip the float32 result."""
+    base = np.float32([1.0, 1.0 + 2.0**-23, 3.0, 3.0 + 2.0**-22])
+    a = base[rng.integers(0, 4, (n, c, h, w))]
+    scale = np.float32(2.0) ** rng.integers(-3, 4, (1, c, 1, 1))
+    return (a * scale).astype(np.float32)
+
+
+def _fraction_stats(acts):
+    """Exact mean and population variance of each channel (fractions), then rounded."""
+    from fractions import Fraction
+
+    vals = channel_values(acts)
+    out = []
+    for row in vals:
+        xs = [Fraction(float(x)) for x in row if not np.isnan(x)]
+        m = sum(xs) / len(xs)
+        out.append((m, sum((x - m) ** 2 for x in xs) / len(xs)))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), maps_split=st.integers(1, 9), shards=st.integers(2, 5))
+def test_any_grouping_gives_the_same_state_bits(seed, maps_split, shards):
+    """Batchings, flush points, merge orders and merge trees: the same state, bit for bit, and
+    a mean equal to the exact mean rounded (float32 ties included), std within 1e-12 of exact."""
+    rng = np.random.default_rng(seed)
+    acts = _tie_acts(rng, 30, 3, 3, 5) if seed % 2 else make_acts(rng, (30, 3, 3, 5), nan=0.02)
+    want = feed(acts, [np.arange(30)])
+    sd = want.state_dict()
+    order = rng.permutation(30)
+    assert _states_equal(feed(acts, np.array_split(order, maps_split)).state_dict(), sd)
+    cuts = np.sort(rng.choice(np.arange(1, 30), shards - 1, replace=False))
+    parts = [feed(acts, [p]) for p in np.split(order, cuts)]
+    while len(parts) > 1:  # a random merge tree
+        i = int(rng.integers(len(parts) - 1))
+        parts[i].merge(parts.pop(i + 1))
+    assert _states_equal(parts[0].state_dict(), sd)
+    res = want.result()
+    # the per-map reductions summed exactly (fractions): the mean is that, rounded
+    from fractions import Fraction
+
+    from patchmine.maps import reduce_maps
+
+    m = reduce_maps(torch.from_numpy(acts))
+    for c, (mean, var) in enumerate(_fraction_stats(acts)):
+        n = int(m.count[:, c].sum())
+        pairs = zip(m.count[:, c].tolist(), m.mean[:, c].double().tolist(), strict=True)
+        S = sum(Fraction(k * mu) for k, mu in pairs)
+        assert res["mean"][c].item() == np.float32(float(S / n))
+        # against the data: what the per-map float32 reductions allow
+        scale = float(np.nanmean(np.abs(channel_values(acts)[c].astype(np.float64))))
+        assert abs(res["mean"][c].item() - float(mean)) <= 1e-6 * scale
+        sd_exact = float(var) ** 0.5
+        assert abs(res["std"][c].item() - sd_exact) <= 1e-5 * sd_exact + 1e-6 * scale
+
+
+def test_ties_chan_would_split_between_groupings():
+    """Values whose exact mean is a float32 rounding tie: the old float64 Chan merge (one value
+    at a time) gives float32 means that depend on the order for some of them; the exact sums
+    give one answer, the exact mean rounded (to even)."""
+    from fractions import Fraction
+
+    def chan(xs):
+        n, mean = 0, 0.0
+        for x in xs:
+            n += 1
+            mean += (x - mean) / n
+        return np.float32(mean)
+
+    differed = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        N = 2 * int(rng.integers(3, 12))
+        j = rng.integers(0, 64, N - 1)
+        last = N * (2 * int(rng.integers(0, 32)) + 1) // 2 - int(j.sum())  # sum: N ties
+        if not 0 <= last < 2**20:
+            continue
+        acts = (1.0 + np.append(j, last) * 2.0**-23).astype(np.float32)[:, None]  # (N, 1)
+        perm = rng.permutation(N)
+        xs = acts[:, 0].astype(np.float64)
+        differed += bool(chan(xs) != chan(xs[perm]))
+        exact = sum(Fraction(float(x)) for x in xs) / N
+        want = np.float32(float(exact))
+        for order in (np.arange(N), perm):
+            for parts in (1, 3, N):
+                got = feed(acts, np.array_split(order, parts)).result()["mean"][0].item()
+                assert got == want, (seed, parts)
+    assert differed, "the tie data no longer exercises the old formula's rounding"
+
+
+def test_loads_a_version_2_state():
+    """Files written with the Chan-merged float64 mean and M2 still load and merge."""
+    rng = np.random.default_rng(4)
+    acts = make_acts(rng, (10, 2, 4, 4))
+    count, mean, std, mx = numpy_stats(acts)
+    new = feed(acts).state_dict()
+    old = {k: v for k, v in new.items() if k not in ("sums", "nonfinite")}
+    old.update(
+        version=2,
+        mean=torch.from_numpy(mean),
+        m2=torch.from_numpy(std**2 * count),
+    )
+    res = RunningStats.from_state_dict(old).result()
+    np.testing.assert_allclose(res["mean"].numpy(), mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(res["std"].numpy(), std, rtol=1e-6)
+    fresh = RunningStats(2, quantiles=Q, sample=0).state_dict()  # as merge() sees it
+    fresh.update({k: v for k, v in old.items() if isinstance(v, torch.Tensor)})
+    both = RunningStats.from_state_dict(fresh)
+    both.merge(RunningStats.from_state_dict(old))
+    np.testing.assert_allclose(both.result()["mean"].numpy(), mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(both.result()["std"].numpy(), std, rtol=1e-6)

@@ -210,7 +210,8 @@ def test_gradient_fields_patch_before_attention_whole_after(models):
 def test_layers_lists_token_and_cls_nodes(capsys):
     assert main(["layers", "vit_b_16", "--weights", "none"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    lines = [line.lstrip("* ") for line in out.splitlines() if not line.startswith("#")]
+    rows = {line.split()[0]: line for line in lines}  # "*" marks the default layers
     assert "(768,14,14)" in rows[LAST] and "whole" in rows[LAST] and "tokens 1+14x14" in rows[LAST]
     assert "(768)" in rows[f"{LAST}@cls"] and "whole" in rows[f"{LAST}@cls"]
     pre = rows["encoder.layers.encoder_layer_0.ln"].split()
