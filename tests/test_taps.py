@@ -72,7 +72,8 @@ def test_tapped_values_do_not_depend_on_other_taps(case):
         together = tap(px)
         for n in names:
             assert torch.equal(together[n], Tap(model, [n], mean, std)(px)[n]), n
-        if case != "resnet18":  # the last node is the model's output: the graph still means the same
+        # the last node is the model's output: the rewritten graph still means the same
+        if case != "resnet18":
             assert torch.equal(together[names[-1]], before)
         assert torch.equal(model(x), before)
     assert {k: m.inplace for k, m in model.named_modules() if hasattr(m, "inplace")} == flags
