@@ -194,7 +194,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             force=args.force, progress=not args.quiet, patch_size=args.patch_size,
             labels=args.labels, channel_names=args.channel_names, bottom_k=args.bottom_k,
             min_inside=args.min_inside,
-            jpeg_draft=args.jpeg_draft,
+            jpeg_draft=args.jpeg_draft, projection=args.projection,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -257,6 +257,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_project(args: argparse.Namespace) -> int:
+    from patchmine.reproject import project
+
+    try:
+        summary = project(args.file, method=args.method, batch_size=args.batch_size,
+                          workers=args.workers, device=args.device, progress=not args.quiet)
+    except KeyboardInterrupt as e:
+        print(f"patchmine project: interrupted; {args.file} is unchanged", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    if not args.quiet:
+        print(summary)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from patchmine.store import open_result
 
@@ -277,6 +291,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
         if "allocator" in a:
             print(f"  allocator  {a['allocator']}")
+        if "projection" in a:
+            print(f"  projection {a['projection']} (per entry, beside each patch)")
         names = r.label_names
         if names is not None:
             count = r.file["labels"]["count"][()]
@@ -424,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
                         "(faster; pixels close to, not equal to, a full decode)")
+    p.add_argument("--projection", default="none", metavar="METHOD",
+                   help="also store each entry's projection onto its patch: deconvnet (ZFNet), "
+                        "guided, gradient or none (default none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
                    help="save progress every N batches (default 50; 0 never)")
@@ -446,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("project", help="add (or replace) the projections of a result file, "
+                       "without mining again")
+    p.add_argument("file", help="result file (.h5), rewritten atomically")
+    p.add_argument("--method", default="deconvnet",
+                   help="deconvnet (ZFNet, default), guided or gradient")
+    p.add_argument("--batch-size", "-b", type=_positive, default=32)
+    p.add_argument("--workers", "-j", type=_nonneg, default=None,
+                   help="decoding worker processes (default: cores - 1, at most 4)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_project)
 
     p = sub.add_parser("info", help="what a result file holds")
     p.add_argument("file")

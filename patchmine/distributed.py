@@ -122,31 +122,45 @@ class Team:
             for p in plans
         ]
 
-    def collect(self, own: list[LayerPlan], cut: dict[str, tuple[Scratch, Scratch]]) -> None:
-        """Gather every rank's patches and heat maps into rank 0's arrays ``cut`` (in place).
+    def collect(
+        self, own: list[LayerPlan], cut: dict[str, tuple[Scratch, Scratch, Scratch | None]]
+    ) -> None:
+        """Gather every rank's patches, heat maps and projections into rank 0's arrays ``cut``.
 
         Args:
             own: this rank's plans, as returned by :meth:`own`.
-            cut: plan key -> (patch (C, k, P, P, 3), heat (C, k, H, W)) as the second pass filled
-                them from ``own``; on rank 0 the other ranks' entries are written into them.
+            cut: plan key -> (patch (C, k, P, P, 3), heat (C, k, H, W), projection (C, k, P, P, 3)
+                or None) as the second pass filled them from ``own``; on rank 0 the other ranks'
+                entries are written into them (in place).
         """
         for p in own:
-            patch, heat = cut[p.key]
+            patch, heat, proj = cut[p.key]
             n = p.image.size
-            per_entry = (np.prod(patch.shape[2:]) + 2 * np.prod(heat.shape[2:])) if n else 1
-            step = max(1, _CHUNK_BYTES // max(1, int(per_entry)))
+            per_entry = np.prod(patch.shape[2:]) + 2 * np.prod(heat.shape[2:])
+            if proj is not None:
+                per_entry += 2 * np.prod(proj.shape[2:])
+            step = max(1, _CHUNK_BYTES // max(1, int(per_entry if n else 1)))
             entries = np.flatnonzero(p.image.reshape(-1) >= 0)
             for lo in range(0, n, step):  # the same number of rounds on every rank
                 e = entries[(entries >= lo) & (entries < lo + step)]
                 got = [None] * self.world if self.leader else None
-                payload = None if self.leader else (e, patch.take(e), heat.take(e))
+                payload = None
+                if not self.leader:
+                    payload = (
+                        e,
+                        patch.take(e),
+                        heat.take(e),
+                        proj.take(e) if proj is not None else None,
+                    )
                 dist.gather_object(payload, got, dst=0, group=self.group)
                 if self.leader:
                     for item in got[1:]:
-                        idx, pa, he = item
+                        idx, pa, he, pr = item
                         if len(idx):
                             patch.put(idx, pa)
                             heat.put(idx, he)
+                            if proj is not None:
+                                proj.put(idx, pr)
 
 
 def _destroy() -> None:

@@ -6,13 +6,14 @@ Shard i of N holds images ``i * n // N : (i + 1) * n // N`` of the corpus, index
 own top-k and statistics state. The merged file is what one run over the whole corpus writes: per
 channel the top-k over every shard's entries under the exact tie rule (score descending, global image
 ascending, flat location ascending: ``TopK.merge`` over states rebuilt from the files), each winner's
-box, patch and heat map copied from its shard (no image is read, no model run), and the statistics
-merged from the files' ``stats/state`` accumulators. With ``--bottom-k`` the ``bottom/`` entries are
-merged the same way (``BottomK.merge``: score ascending); with ``--labels`` the class means from the
-exact ``class_state/`` accumulators (``ClassMeans.merge``), so they too equal a single run's, bit for
-bit. Files that do not belong together (model, weights, layers, k, per-image, --min-inside,
-preprocessing, corpus, labels, bottom-k), an incomplete or overlapping set of shards and files that
-are not patchmine results are refused with a UsageError naming the difference.
+box, patch, heat map (and projection) copied from its shard (no image is read, no model run), and
+the statistics merged from the files' ``stats/state`` accumulators. With ``--bottom-k`` the
+``bottom/`` entries are merged the same way (``BottomK.merge``: score ascending); with ``--labels``
+the class means from the exact ``class_state/`` accumulators (``ClassMeans.merge``), so they too
+equal a single run's, bit for bit. Files that do not belong together (model, weights, layers, k,
+per-image, --min-inside, preprocessing, corpus, labels, bottom-k, projection), an incomplete or
+overlapping set of shards and files that are not patchmine results are refused with a UsageError
+naming the difference.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ _SAME = [
     ("corpus_roots", "corpus roots"),
     ("labels", "labels (--labels)"),
     ("bottom_k", "bottom-k (--bottom-k)"),
+    ("projection", "projection method"),
 ]
 
 
@@ -211,13 +213,21 @@ def _merge_entries(
         return out
 
     patch_shape = (C, k, *first.patches(0).shape[1:])
-    return {
+    out = {
         **res,
         "box": pick([lr.box for lr in layers], 0),
         "box_orig": pick([lr.box_orig for lr in layers], np.nan),
         "patch": _Picked(patch_shape, np.uint8, fill, src, slot, lambda s, c: layers[s].patches(c)),
         "heat": _Picked((C, k, H, W), np.float16, 0, src, slot, lambda s, c: layers[s].heat(c)),
     }
+    if first.projection_attrs is not None:  # the root attribute `projection` is the same
+        if any(lr.projection_attrs != first.projection_attrs for lr in layers):
+            raise UsageError(f"cannot merge: the shards' projections of layer {name} differ")
+        out["projection"] = _Picked(
+            patch_shape, np.float16, 0, src, slot, lambda s, c: layers[s].projection(c)
+        )
+        out["projection_attrs"] = first.projection_attrs
+    return out
 
 
 def _merge_classes(layers: list[store.LayerResult]) -> ClassMeans | None:

@@ -34,7 +34,8 @@ from patchmine.errors import UsageError, differences
 from patchmine.labels import ClassMeans, assign_labels, layer_channel_names
 from patchmine.maps import Maps, reduce_maps
 from patchmine.models import load_model
-from patchmine.patches import LayerPlan, second_pass
+from patchmine.patches import LayerPlan, Scratch, second_pass
+from patchmine.projections import Projector, check_method
 from patchmine.receptive import inside_fraction
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
@@ -206,7 +207,9 @@ class Miner:
         bottom_k: bool = False,
         min_inside: float | None = None,
         jpeg_draft: bool = False,
+        projection: str | None = None,
     ):
+        self.projection = check_method(projection)
         self.corpus = corpus
         self.labels, self.bottom_k = labels, bool(bottom_k)
         self.jpeg_draft = jpeg_draft
@@ -235,6 +238,7 @@ class Miner:
         self.fmap_hw = chosen.fmap_hw
         self.model.module.to(self.device)
         lm = self.model
+        self.views = chosen.views
         self.tap = Tap(lm.module, self.layers, lm.mean, lm.std, chosen.views)
         self.tap.to(self.device).eval()
         self.topk = {
@@ -325,6 +329,7 @@ class Miner:
             "part": list(self.part) if self.part else None,
             "labels": self.labels.digest if self.labels is not None else None,
             "bottom_k": True if self.bottom_k else None,
+            "projection": self.projection,
         }
 
     def state_dict(self) -> dict:
@@ -523,11 +528,14 @@ class Miner:
         plan: LayerPlan,
         patch: np.ndarray,
         heat: np.ndarray,
-        bottom: tuple[LayerPlan, np.ndarray, np.ndarray] | None = None,
+        projection: Scratch | None = None,
+        bottom: tuple[LayerPlan, np.ndarray, np.ndarray, Scratch | None] | None = None,
+        projector: Projector | None = None,
     ) -> store.LayerData:
         """One layer's datasets for the file, with image indices local to this slice.
 
-        ``bottom``: the layer's bottom-k plan with its patches and heat maps (``--bottom-k``).
+        ``bottom``: the layer's bottom-k plan with its patches, heat maps and projections
+        (``--bottom-k``); ``projection``: the top-k's projections, made by ``projector``.
         """
         st = self.stats[plan.name]
         data = store.layer_data(
@@ -544,9 +552,13 @@ class Miner:
             start=self.start,
         )
         if bottom is not None:
+            *entries, bottom_projection = bottom
             data.bottom = store.layer_data(
-                *bottom, stats={}, stats_state={}, transform=self.transform, start=self.start
+                *entries, stats={}, stats_state={}, transform=self.transform, start=self.start
             )
+            if bottom_projection is not None and projector is not None:
+                data.bottom.projection = bottom_projection
+                data.bottom.projection_attrs = projection_attrs(projector, plan.name)
         if plan.name in self.channel_names:
             data.attrs["channel_names"] = list(self.channel_names[plan.name])
         if self.classes:
@@ -556,6 +568,9 @@ class Miner:
             data.class_mean, data.selectivity = mean.numpy(), sel.numpy()
             data.class_state = store.class_state_arrays(cm.state_dict())
         data.attrs["node"] = self.nodes.get(plan.name, plan.name)
+        if projection is not None and projector is not None:
+            data.projection = projection
+            data.projection_attrs = projection_attrs(projector, plan.name)
         return data
 
     def write(self, out: Path, layers: dict[str, store.LayerData], should_stop) -> None:
@@ -582,6 +597,8 @@ class Miner:
             "transform": self.transform,
             "error": self.error,
         }
+        if self.projection is not None:
+            attrs["projection"] = self.projection
         labels = None
         if self.labels is not None:
             attrs["labels"] = self.labels.spec
@@ -616,6 +633,17 @@ class Miner:
         writes = team is None or team.leader
         where = out.parent if writes else None
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=where))
+        projector = None
+        if self.projection is not None:
+            projector = Projector(
+                self.model.module,
+                self.layers,
+                self.model.mean,
+                self.model.std,
+                self.projection,
+                max_rows=batch_size,
+                views=self.views,
+            )
         try:
             t0 = time.perf_counter()
             cut = second_pass(
@@ -632,6 +660,7 @@ class Miner:
                 should_stop,
                 resize=self.resize,
                 jpeg_draft=self.jpeg_draft,
+                projector=projector,
             )
             if team is not None:
                 team.collect(own, cut)
@@ -639,7 +668,9 @@ class Miner:
             if writes:
                 bottoms = {p.name: (p, *cut[p.key]) for p in plans if p.bottom}
                 layers = {
-                    p.name: self.layer_data(p, *cut[p.key], bottom=bottoms.get(p.name))
+                    p.name: self.layer_data(
+                        p, *cut[p.key], bottom=bottoms.get(p.name), projector=projector
+                    )
                     for p in plans
                     if not p.bottom
                 }
@@ -662,6 +693,11 @@ class Miner:
             write_seconds=t2 - t1,
             winner_images=len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))),
         )
+
+
+def projection_attrs(projector: Projector, node: str) -> dict:
+    """The attributes of a layer's ``projection`` dataset: the method and the ops it modified."""
+    return {"method": projector.method, "n_modified": projector.modified(node)}
 
 
 def _fraction(value: float | None) -> float | None:
@@ -726,6 +762,7 @@ def mine(
     bottom_k: bool = False,
     min_inside: float | None = None,
     jpeg_draft: bool = False,
+    projection: str | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -758,6 +795,9 @@ def mine(
         jpeg_draft: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale
             (libjpeg's DCT scaling): faster decoding, pixels close to but not those of a full
             decode. Recorded as the root attribute ``jpeg_draft``.
+        projection: ``deconvnet``, ``guided``, ``gradient`` or ``none`` (None): store every kept
+            entry's projection (`patchmine.projections`), computed in the second pass. Recorded as
+            the root attribute ``projection`` (absent for none).
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -773,6 +813,7 @@ def mine(
             raise UsageError(f"{what} must be at least 1, got {v}")
     if resize is not None and resize < 1:
         raise UsageError(f"resize must be at least 1, got {resize}")
+    projection = check_method(projection)
     out = store.check_writable(out, force=force, resume=resume, create=True)
     team = distributed.from_env(device)  # under torchrun: one rank of several
     ckpt = _checkpoint_path(out) if team is None else team.checkpoint_path(out)
@@ -803,6 +844,7 @@ def mine(
         bottom_k=bottom_k,
         min_inside=min_inside,
         jpeg_draft=jpeg_draft,
+        projection=projection,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

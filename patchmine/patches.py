@@ -1,4 +1,5 @@
-"""The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores.
+"""The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores
+(and, with a projector, compute every entry's projection).
 
 Public names: LayerPlan, Scratch, ScoreMismatch, cut_patches, second_pass.
 
@@ -14,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 
 from patchmine.corpus import Corpus, CorpusDataset, make_loader
 from patchmine.receptive import Field, boxes
+
+if TYPE_CHECKING:
+    from patchmine.projections import Projector
 
 __all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass"]
 
@@ -59,10 +64,10 @@ def _windows(
     """
     h, w = size
     u, ih, iw, _ = images.shape
-    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=torch.uint8)
+    big = torch.empty((u, ih + 2 * h, iw + 2 * w, 3), dtype=images.dtype)
     big[:, h : h + ih, w : w + iw].copy_(images)  # one pass, also from a (B, 3, S, S) layout
     padded = big.numpy()
-    row = np.tile(np.asarray(fill, np.uint8), iw + 2 * w)  # the border, as whole byte rows
+    row = np.tile(np.asarray(fill, padded.dtype), iw + 2 * w)  # the border, as whole rows
     rows = padded.reshape(u, ih + 2 * h, -1)
     rows[:, :h] = row
     rows[:, h + ih :] = row
@@ -70,7 +75,10 @@ def _windows(
     rows[:, h : h + ih, 3 * (w + iw) :] = row[: 3 * w]
     b, r, c, _ = padded.strides
     view = np.lib.stride_tricks.as_strided(
-        padded, (u, ih + h + 1, iw + w + 1, h, w * 3), (b, r, c, r, 1), writeable=False
+        padded,
+        (u, ih + h + 1, iw + w + 1, h, w * 3),
+        (b, r, c, r, padded.itemsize),
+        writeable=False,
     )
     ys = np.clip(y0, -h, ih).astype(np.intp) + h
     xs = np.clip(x0, -w, iw).astype(np.intp) + w
@@ -87,16 +95,17 @@ def cut_patches(
     """Crop boxes out of images, filling outside the image with ``fill``; shrink to ``patch_size``.
 
     Args:
-        pixels: (B, 3, S, S) uint8 images.
+        pixels: (B, 3, S, S) uint8 images (or float maps, such as projections: same geometry, no
+            rounding).
         rows: (M,) which image each box is cut from.
         box: (M, 4) int y0, x0, y1, x1 half-open, may run past the image; all boxes of one size.
         patch_size: P; boxes larger than P (either side) are resampled to P x P.
         fill: the RGB color (0-255) outside the image.
 
     Returns:
-        (M, h, w, 3) uint8, a pixel-exact crop, when the box fits in P; else (M, P, P, 3): each
-        image is shrunk once by P / box size and pasted at the box's scaled, rounded position, so
-        memory and time follow P, not the box.
+        (M, h, w, 3) of the dtype of ``pixels``, a pixel-exact crop, when the box fits in P; else
+        (M, P, P, 3): each image is shrunk once by P / box size and pasted at the box's scaled,
+        rounded position, so memory and time follow P, not the box.
     """
     s = pixels.shape[-1]
     h, w = int(box[0, 2] - box[0, 0]), int(box[0, 3] - box[0, 1])
@@ -114,7 +123,11 @@ def cut_patches(
         antialias=True,
         align_corners=False,
     )
-    small = small.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    if pixels.dtype == torch.uint8:
+        small = small.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        small = small.to(pixels.dtype)
+    small = small.permute(0, 2, 3, 1)
     # the image's top-left corner sits at (round(-y0 * fy), round(-x0 * fx)) in the patch
     py, px = np.round(-y0 * fy).astype(np.int64), np.round(-x0 * fx).astype(np.int64)
     return _windows(small, which, -py, -px, (patch_size, patch_size), fill)
@@ -212,19 +225,25 @@ def second_pass(
     atol: float = 1e-4,
     resize: int | None = None,
     jpeg_draft: bool = False,
-) -> dict[str, tuple[Scratch, Scratch]]:
+    projector: Projector | None = None,
+) -> dict[str, tuple[Scratch, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
+    With a ``projector`` (built for the plans' nodes), every entry's projection is computed from
+    the same batch of pixels (batched backwards, see `patchmine.projections.Projector.project`)
+    and cut like its patch.
 
     Returns:
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
-        heat (C, k, H, W) float16) as :class:`Scratch` arrays (files in ``scratch`` when large).
-        P' is the patch size, or the box size when the box is smaller. Every winner image of every
-        plan (bottom-k ones included) is re-forwarded once, and every entry's score verified.
+        heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16 or None without a
+        projector) as :class:`Scratch` arrays (files in ``scratch`` when large). P' is the patch
+        size, or the box size when the box is smaller. Unused slots hold the fill color (patch)
+        and zeros (heat, projection). Every winner image of every plan (bottom-k ones included) is
+        re-forwarded once, and every entry's score verified.
     """
     device = torch.device(device)
-    out: dict[str, tuple[Scratch, Scratch]] = {}
+    out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     winners: set[int] = set()
     for p in plans:
@@ -234,12 +253,15 @@ def second_pass(
         safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
         patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
+        proj = None
+        if projector is not None:
+            proj = Scratch(scratch / f"{safe}.projection", (c, k, ph, pw, 3), np.float16)
         flat = p.image.reshape(-1)
         unused = np.flatnonzero(flat < 0)
         if len(unused):  # empty slots: fill
             color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
             patch.put(unused, color)
-        out[p.key] = (patch, heat)
+        out[p.key] = (patch, heat, proj)
         entries = np.flatnonzero(flat >= 0)
         order = entries[np.argsort(flat[entries], kind="stable")]
         owners[p.key] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
@@ -254,16 +276,19 @@ def second_pass(
         pin_memory=device.type == "cuda",
     )
 
+    def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's flat entries whose image is in the batch, and their rows in it."""
+        img_sorted, entry = owners[p.key]
+        lo = np.searchsorted(img_sorted, index[0], side="left")
+        hi = np.searchsorted(img_sorted, index[-1], side="right")
+        return entry[lo:hi], np.searchsorted(index, img_sorted[lo:hi])
+
     def fill_batch(acts: dict[str, torch.Tensor], index: np.ndarray, pixels_cpu: torch.Tensor):
         # a function, so that no name holds the activations into the next batch's forward
         for p in plans:
-            img_sorted, entry = owners[p.key]
-            lo = np.searchsorted(img_sorted, index[0], side="left")
-            hi = np.searchsorted(img_sorted, index[-1], side="right")
-            if hi <= lo:
+            e, row = entries(p, index)
+            if not len(e):
                 continue
-            e = entry[lo:hi]
-            row = np.searchsorted(index, img_sorted[lo:hi])  # position in the batch
             k = p.score.shape[1]
             ch = e // k
             a = acts[p.name]
@@ -280,13 +305,26 @@ def second_pass(
                     f"now gives {got[j]:.6g}, the first pass gave {want[j]:.6g}; the file changed "
                     "or the model is not deterministic"
                 )
-            patch, heat = out[p.key]
+            patch, heat, _ = out[p.key]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
                 part = slice(lo, lo + _CHUNK)
                 cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
                 patch.put(e[part], cut.numpy())
+
+    def project_batch(index: np.ndarray, pixels: torch.Tensor) -> None:
+        from patchmine.projections import cut_projections
+
+        for p in plans:
+            e, row = entries(p, index)
+            if not len(e):
+                continue
+            yx = p.yx.reshape(-1, 2)[e]
+            bx = boxes(p.field, yx)
+            proj = out[p.key][2]
+            for at, maps in projector.project(pixels, p.name, row, e // p.score.shape[1], yx):
+                proj.put(e[at], cut_projections(maps, bx[at], p.patch_size))
 
     from tqdm.auto import tqdm  # imported where used: startup
 
@@ -301,7 +339,10 @@ def second_pass(
                 f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
             )
         index = batch["index"].numpy()
-        fill_batch(tap(batch["pixels"].to(device, non_blocking=True)), index, batch["pixels"])
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        fill_batch(tap(pixels), index, batch["pixels"])
+        if projector is not None:
+            project_batch(index, pixels)
         bar.update(len(index))
     bar.close()
     return out

@@ -1,7 +1,7 @@
 """Pictures of a result file: montages with heat / mask overlays, overviews, context views.
 
 Public names: OVERLAYS, Grid, montage_grid, overview_grid, context_grid, montage, overview,
-context, LayerInfo, Channel, draw_montage, draw_overview, draw_context, thumbnail, thumb_side,
+context, LayerInfo, Channel, draw_montage, draw_projections, draw_overview, draw_context, thumbnail, thumb_side,
 load_original, format_number, montage_tile, inside_part.
 
 The notebook API is ``montage``, ``overview`` and ``context``; they read a result through
@@ -35,8 +35,9 @@ from patchmine.overlays import OVERLAYS
 
 __all__ = [
     "OVERLAYS", "Grid", "montage_grid", "overview_grid", "context_grid", "montage", "overview",
-    "context", "LayerInfo", "Channel", "draw_montage", "draw_overview", "draw_context", "thumbnail",
-    "thumb_side", "load_original", "format_number", "montage_tile", "inside_part",
+    "context", "LayerInfo", "Channel", "draw_montage", "draw_projections", "draw_overview",
+    "draw_context", "thumbnail", "thumb_side", "load_original", "format_number", "montage_tile",
+    "inside_part",
 ]  # fmt: skip
 
 # look
@@ -407,6 +408,38 @@ def draw_montage(ch: Channel, overlay: str, inside: bool = True) -> Image.Image:
     return im
 
 
+def draw_projections(
+    ch: Channel, proj: np.ndarray, method: str = "", inside: bool = True
+) -> Image.Image:
+    """ZFNet's layout for a `Channel`: its projections (k, P, P, 3) in a grid on the left, each
+    scaled symmetrically about grey, and the patches they belong to in the same grid on the right."""
+    from patchmine.tiles import projection_tiles  # tiles draws with this module's parts
+
+    info = ch.info
+    g = montage_grid(info.k, info.patch_size)
+    w, h = g.size
+    shift = w - g.pad
+    im = Image.new("RGB", (w + shift, h), BG)
+    draw = ImageDraw.Draw(im)
+    title = f"{info.name}  channel {ch.c}" + ("  (whole input)" if info.field.whole else "")
+    _header(draw, im.width, title, "dead" if ch.dead else f"{method or 'projections'} | patches")
+    tiles = projection_tiles(ch, proj, g.tile)
+    for slot in range(info.k):
+        x0, y0, _, _ = g.tile_box(slot)
+        if slot < len(ch.records):
+            rec = ch.records[slot]
+            im.paste(tiles[slot], (x0, y0))
+            im.paste(montage_tile(ch, slot, g.tile, "none", inside), (x0 + shift, y0))
+            lx0, ly0, lx1, ly1 = g.label_box(slot)
+            _label(
+                draw, (lx0 + shift, ly0, lx1 + shift, ly1), slot, rec["score"], _short(rec["path"])
+            )
+        else:
+            im.paste(_empty_tile(g.tile), (x0, y0))
+            im.paste(_empty_tile(g.tile), (x0 + shift, y0))
+    return im
+
+
 def montage(layer, channel: int, overlay: str = "none", inside: bool = True) -> Image.Image:
     """The k winners of one channel as a grid of upscaled patches with rank, score and source.
 
@@ -414,13 +447,25 @@ def montage(layer, channel: int, overlay: str = "none", inside: bool = True) -> 
         layer: a `patchmine.store.LayerResult`.
         channel: channel index.
         overlay: ``"heat"`` (the activation map, translucent), ``"mask"`` (NetDissect style: pixels
-            above the channel's 0.995 activation quantile kept, the rest dimmed, outlined) or
-            ``"none"``. Whole-input layers have no overlay (token layers show the token map).
+            above the channel's 0.995 activation quantile kept, the rest dimmed, outlined),
+            ``"none"``, or ``"projection"`` (ZFNet style: the entries' projections in a grid beside
+            the patches; needs a file mined with ``--projection`` or ``patchmine project``).
+            Whole-input layers have no heat or mask overlay (token layers show the token map).
         inside: where a field is larger than the input, show only the box's part inside it.
 
     Returns:
-        An RGB image; its layout is ``montage_grid(layer.k, layer.patch_size)``.
+        An RGB image; its layout is ``montage_grid(layer.k, layer.patch_size)`` (twice, side by
+        side, for ``"projection"``).
     """
+    if overlay == "projection":
+        proj = layer.projection(channel)
+        if proj is None:
+            raise UsageError(
+                f"layer {layer.name!r} has no projections: mine with --projection, or add them "
+                "with `patchmine project FILE`"
+            )
+        ch = Channel.read(layer, channel, LayerInfo.read(layer))
+        return draw_projections(ch, proj, (layer.projection_attrs or {}).get("method", ""), inside)
     _check_overlay(overlay)
     return draw_montage(Channel.read(layer, channel, LayerInfo.read(layer)), overlay, inside)
 

@@ -96,6 +96,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "bottom_k": ("bool", False, "also keep the k most negative activations"),
         "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
         "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
+        "projection": ("str", False, "deconvnet, guided, gradient or none: per-entry projections"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -146,6 +147,8 @@ class Pipeline:
                 s[f"{key}_file"] = _sha256(Path(value))  # small files: their contents
         if self.mine.get("jpeg_draft"):  # only when on: files made before the option stay current
             s["jpeg_draft"] = True
+        if self.mine.get("projection") not in (None, "none"):  # the same
+            s["projection"] = self.mine["projection"]
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))
@@ -288,6 +291,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         mine["labels"] = str(_resolve(base, mine["labels"]))
     if "channel_names" in mine:
         mine["channel_names"] = str(_resolve(base, mine["channel_names"]))
+    if mine.get("projection", "none") not in ("deconvnet", "guided", "gradient", "none"):
+        raise UsageError(
+            f"{path} [mine]: projection must be deconvnet, guided, gradient or none, "
+            f"got {mine['projection']!r}"
+        )
     gallery, render_kw = None, {}
     if render is not None:
         render_kw = dict(render)

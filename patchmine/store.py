@@ -1,8 +1,8 @@
 """Result files (HDF5 schema version 2) and checkpoints: the only module that touches h5py.
 
 Public names: FORMAT, VERSION, LayerData, layer_data, class_state_arrays, label_table, run_attrs,
-image_table, write_result, Result, LayerResult, open_result, save_checkpoint, load_checkpoint,
-load_plain, check_writable, WriteError.
+image_table, write_result, replace_projections, Result, LayerResult, open_result, save_checkpoint,
+load_checkpoint, load_plain, check_writable, WriteError.
 
 Every write is atomic: data goes to a temporary file beside the target, which is renamed over it only
 when complete, so a reader sees a whole file or none.
@@ -43,6 +43,7 @@ __all__ = [
     "run_attrs",
     "image_table",
     "write_result",
+    "replace_projections",
     "Result",
     "LayerResult",
     "open_result",
@@ -68,10 +69,12 @@ _GZIP = 1
 class LayerData:
     """Everything one layer contributes to a result file.
 
-    ``patch`` (C, k, P, P, 3) uint8 and ``heat`` (C, k, H, W) float16 may be memory maps: they are
-    copied one channel at a time. v2, each optional: ``bottom`` the bottom-k entries (a LayerData
-    whose attrs and statistics are not written), ``class_mean`` (C, L), ``selectivity`` (C,) and
-    ``class_state`` (`class_state_arrays`, what merge and resume need).
+    ``patch`` (C, k, P, P, 3) uint8 and ``heat`` (C, k, H, W) float16 may be memory maps (or
+    scratch arrays): they are copied one channel at a time. v2, each optional: ``bottom`` the
+    bottom-k entries (a LayerData whose attrs and statistics are not written), ``class_mean``
+    (C, L), ``selectivity`` (C,) and ``class_state`` (`class_state_arrays`, what merge and resume
+    need), ``projection`` (C, k, P, P, 3) float16 (indexable by channel) with its dataset
+    attributes ``projection_attrs``.
     """
 
     attrs: dict
@@ -88,6 +91,8 @@ class LayerData:
     class_mean: np.ndarray | None = None
     selectivity: np.ndarray | None = None
     class_state: dict[str, np.ndarray] = field(default_factory=dict)
+    projection: np.ndarray | None = None
+    projection_attrs: dict = field(default_factory=dict)
 
 
 def class_state_arrays(state: dict) -> dict[str, np.ndarray]:
@@ -549,12 +554,17 @@ def _write_layer(
         compression="gzip",
         compression_opts=1,
     )
+    proj = None
+    if d.projection is not None:
+        proj = _projection_dataset(g, d.projection.shape, d.projection_attrs)
     for ch in range(c):
         if should_stop():
             raise KeyboardInterrupt
         if patch is not None:
             patch[ch] = d.patch[ch]
         heat[ch] = d.heat[ch]
+        if proj is not None:
+            proj[ch] = d.projection[ch]
     if entries:
         return
     if d.bottom is not None:
@@ -577,6 +587,85 @@ def _write_layer(
         for key, value in d.stats_state.items():
             value = np.asarray(value)  # the (C, bins) histogram is mostly zeros: gzip
             st.create_dataset(key, data=value, **(_gzip() if value.ndim > 1 else {}))
+
+
+def _projection_dataset(g: h5py.Group, shape: tuple, attrs: dict) -> h5py.Dataset:
+    ds = g.create_dataset(
+        "projection",
+        shape=shape,
+        dtype=np.float16,
+        chunks=(1, *shape[1:]),
+        compression="gzip",
+        compression_opts=1,
+    )
+    _set_attrs(ds, attrs)
+    return ds
+
+
+def _copy_without(src: h5py.Group, dst: h5py.Group, skip: set[str]) -> None:
+    """Copy ``src``'s attributes and members into ``dst``, leaving out the paths in ``skip``."""
+    for key in src.attrs:  # with their stored types (utf-8 strings stay utf-8 strings)
+        dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+    for name, obj in src.items():
+        if obj.name in skip:
+            continue
+        if isinstance(obj, h5py.Group) and any(p.startswith(obj.name + "/") for p in skip):
+            _copy_without(obj, dst.create_group(name), skip)
+        else:
+            src.copy(obj, dst, name=name)
+
+
+def replace_projections(
+    path: str | os.PathLike,
+    root_attrs: dict,
+    layers: dict[str, tuple[object, dict]],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Rewrite a result file with new ``projection`` datasets, atomically.
+
+    Everything else is copied as it is (HDF5 object copies: no data changes); existing projection
+    datasets of the layers are dropped. The new file replaces ``path`` only when complete.
+
+    Args:
+        root_attrs: root attributes to set (or overwrite), e.g. ``projection``.
+        layers: node name (``NAME/bottom`` for a bottom-k) -> (projection (C, k, P, P, 3)
+            float16, indexable by channel; its dataset attributes). Others keep no projection.
+
+    Raises:
+        WriteError: the file could not be written; ``path`` is left as it was.
+    """
+    path = Path(path)
+    closed = True
+    try:
+        with h5py.File(path, "r") as src, _atomic(path) as tmp:
+            f = h5py.File(tmp, "w", libver=("v108", "v110"))
+            fd = f.id.get_vfd_handle()
+            try:
+                skip = set()
+                for name in src["layers"]:
+                    for where in (f"/layers/{name}", f"/layers/{name}/bottom"):
+                        if where in src:
+                            skip.add(f"{where}/projection")
+                _copy_without(src, f, skip)
+                _set_attrs(f, root_attrs)
+                for name, (proj, attrs) in layers.items():
+                    ds = _projection_dataset(f["layers"][name], proj.shape, attrs)
+                    for ch in range(proj.shape[0]):
+                        if should_stop():
+                            raise KeyboardInterrupt
+                        ds[ch] = proj[ch]
+                f.flush()
+                f.close()
+            except BaseException:
+                closed = _abandon(f, fd, tmp)
+                raise
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "errno = " not in str(e):
+            raise
+        err = _write_error(path, e)
+        err.stuck = not closed
+        raise err from e
+    return path
 
 
 class LayerResult:
@@ -625,8 +714,20 @@ class LayerResult:
         return out
 
     def projection(self, channel: int) -> np.ndarray | None:
-        """(k, P, P, 3) float16 projections of one channel's entries (v2), or None."""
-        return self._g["projection"][channel] if "projection" in self._g else None
+        """(k, P, P, 3) float32 projections of one channel's entries (v2, stored as float16), or
+        None when the file has none. Aligned with :meth:`patches` pixel for pixel; 0 in unused
+        slots."""
+        if "projection" not in self._g:
+            return None
+        return self._g["projection"][channel].astype(np.float32)
+
+    @property
+    def projection_attrs(self) -> dict | None:
+        """The projections' ``method`` (deconvnet, guided, gradient) and ``n_modified`` (how many
+        ReLU-family ops the method changed on the way to this node), or None without them."""
+        if "projection" not in self._g:
+            return None
+        return {k: _plain(v) for k, v in self._g["projection"].attrs.items()}
 
     @property
     def bottom(self) -> LayerResult | None:

@@ -1,0 +1,234 @@
+"""What projections cost in the second pass: per winner image, with and without --projection.
+
+Mines the corpus once per model at k=100 (kept in --work, reused), then for k in 1, 9, 100:
+
+- section "second pass" (the default): ``patches.second_pass`` exactly as ``mine`` runs it, over
+  the first ``--images`` winner images of the top-k (slots < k), once without a projector and once
+  with ``Projector(method)``, alternated ``--repeats`` times; seconds per winner image and ratio.
+- section "batch" (``--sections batch``): one winner batch, the ``Tap`` re-forward against
+  ``Projector.project`` (forward + every entry's backward) and ``cut_projections`` apart.
+
+    python benchmarks/bench_projections.py --corpus ../shared/corpus/imagenet-sample-500 [--quick]
+
+Measured on the 2-core shared machine (load 8-11, so absolute times are inflated; batch 16,
+``--images 16`` for AlexNet with random weights, conv1-conv5, ``--images 8`` for the embedded
+model's default layers), seconds per winner image, plain second pass -> with deconvnet:
+AlexNet k=1 0.20 -> 1.61 (8.0x), k=9 0.64 -> 5.14 (8.1x); Lite0 k=1 1.09 -> 10.0 (9.2x),
+k=9 1.07 -> 21.3 (20x). k=100 did not finish in 20 minutes. The demo (225 crops, 5 layers with
+the logits, k=9): plain mine 214 s; ``patchmine project --method deconvnet`` on it ran 32 of 225
+winner images in 17.5 min (about 33 s per image) and was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from patchmine.corpus import CorpusDataset, discover
+from patchmine.mine import mine
+from patchmine.models import load_model
+from patchmine.patches import LayerPlan, second_pass
+from patchmine.projections import Projector, cut_projections
+from patchmine.receptive import boxes, receptive_fields
+from patchmine.taps import Tap
+
+MODELS = {
+    "alexnet": (
+        "alexnet",
+        "none",
+        ["features.0", "features.3", "features.6", "features.8", "features.10"],
+    ),
+    "lite0": (None, None, None),  # the embedded model's default layers
+}
+
+
+def _winners(path: Path, layers: list[str], k: int):
+    """node -> (image, channel, yx) of the entries with slot < k."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for n in layers:
+            g = f["layers"][n]
+            image = g["image"][:, :k]
+            yx = g["yx"][:, :k]
+            c, s = np.nonzero(image >= 0)
+            out[n] = (image[c, s], c, yx[c, s])
+    return out
+
+
+def _time(fn, repeats: int) -> list[float]:
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - t0)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="../shared/corpus/imagenet-sample-500")
+    ap.add_argument("--work", default="/tmp/patchmine-bench-projections")
+    ap.add_argument("--models", default="alexnet,lite0")
+    ap.add_argument("--ks", default="1,9,100")
+    ap.add_argument("--methods", default="deconvnet")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=1, help="winner batches timed per setting")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=32, help="winner images per second-pass run")
+    ap.add_argument("--sections", default="second-pass", help="second-pass and/or batch")
+    ap.add_argument("--quick", action="store_true", help="k=9 only, 1 repeat")
+    args = ap.parse_args()
+    if args.quick:
+        args.ks, args.repeats = "9", 1
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = discover([args.corpus])
+    print(f"torch threads {torch.get_num_threads()}, corpus {len(corpus)} images")
+    for key in args.models.split(","):
+        name, weights, layers = MODELS[key]
+        lm = load_model(name, weights, 224)
+        layers = layers or list(lm.default_layers)
+        result = work / f"{key}-k100.h5"
+        if not result.exists():
+            mine([args.corpus], result, model=name, weights=weights, layers=layers, k=100,
+                 input_size=224, workers=0, progress=False)  # fmt: skip
+        if "second-pass" in args.sections:
+            _second_pass_section(args, key, lm, layers, corpus, result)
+        if "batch" in args.sections:
+            _batch_section(args, key, lm, layers, corpus, result)
+
+
+def _plans(path: Path, layers: list[str], fields, k: int, images: int) -> list[LayerPlan]:
+    """The top-k (slots < k) of each layer, restricted to ``images`` winner images spread evenly
+    over the sorted winner ids (the first few are not typical)."""
+    with h5py.File(path, "r") as f:
+        plans = []
+        for n in layers:
+            g = f["layers"][n]
+            plans.append(
+                LayerPlan(
+                    n,
+                    fields[n],
+                    tuple(int(v) for v in g.attrs["fmap_hw"]),
+                    int(g.attrs["patch_size"]),
+                    g["score"][:, :k],
+                    g["image"][:, :k],
+                    g["yx"][:, :k],
+                )
+            )
+    ids = np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))
+    ids = ids[np.unique(np.linspace(0, len(ids) - 1, min(images, len(ids))).astype(int))]
+    return [
+        dataclasses.replace(p, image=np.where(np.isin(p.image, ids), p.image, -1)) for p in plans
+    ]
+
+
+def _second_pass_section(args, key, lm, layers, corpus, result) -> None:
+    fields = receptive_fields(lm.module, 224, layers)
+    tap = Tap(lm.module, layers, lm.mean, lm.std)
+    fill = tuple(int(round(m * 255)) for m in lm.mean)
+    print(f"\n{key}: second pass per winner image (batch {args.batch_size}, workers 0)")
+    print("model    k  images  entries/img (all)  plain s/img  method      with s/img  ratio")
+    for k in [int(v) for v in args.ks.split(",")]:
+        every = _plans(result, layers, fields, k, 1 << 30)
+        all_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in every])))
+        all_ent = sum(int((p.image >= 0).sum()) for p in every) / max(all_img, 1)
+        plans = _plans(result, layers, fields, k, args.images)
+        n_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans])))
+        n_ent = sum(int((p.image >= 0).sum()) for p in plans)
+        for method in args.methods.split(","):
+            proj = Projector(lm.module, layers, lm.mean, lm.std, method, args.batch_size)
+            plain, withp = [], []
+            for _ in range(args.repeats):  # alternated
+                for projector, times in ((None, plain), (proj, withp)):
+                    scratch = Path(tempfile.mkdtemp())
+                    t0 = time.perf_counter()
+                    second_pass(tap, corpus, 224, plans, fill, scratch, args.batch_size, 0,
+                                progress=False, projector=projector)  # fmt: skip
+                    times.append(time.perf_counter() - t0)
+                    shutil.rmtree(scratch)
+            a, b = statistics.median(plain) / n_img, statistics.median(withp) / n_img
+            print(
+                f"{key:7s} {k:3d} {n_img:6d} {n_ent / n_img:11.1f} ({all_ent:5.1f}) {a:12.3f}  "
+                f"{method:10s} "
+                f"{b:10.3f} {b / a:6.1f}x",
+                flush=True,
+            )
+
+
+def _batch_section(args, key, lm, layers, corpus, result) -> None:
+    print("model   k  entries/img  forward s  project s (x fwd)  cut s  shared-forward waste")
+    fields = receptive_fields(lm.module, 224, layers)
+    with h5py.File(result, "r") as f:
+        patch_size = {n: int(f["layers"][n].attrs["patch_size"]) for n in layers}
+    tap = Tap(lm.module, layers, lm.mean, lm.std)
+    for k in [int(v) for v in args.ks.split(",")]:
+        entries = _winners(result, layers, k)
+        ids = sorted(set(np.concatenate([e[0] for e in entries.values()]).tolist()))
+        for b in range(args.batches):
+            batch_ids = ids[b * args.batch_size : (b + 1) * args.batch_size]
+            if not batch_ids:
+                break
+            ds = CorpusDataset(corpus, 224, batch_ids)
+            pixels = torch.stack([ds[i]["pixels"] for i in range(len(ds))])
+            where = np.asarray(batch_ids)
+            picked = {}
+            for n, (img, ch, yx) in entries.items():
+                sel = np.isin(img, where)
+                picked[n] = (np.searchsorted(where, img[sel]), ch[sel], yx[sel])
+            total = sum(len(p[0]) for p in picked.values())
+            # what one shared forward with one entry per image per backward would run
+            rounds = sum(np.bincount(p[0]).max(initial=0) for p in picked.values())
+            waste = rounds * len(batch_ids) / max(total, 1)
+            for method in args.methods.split(","):
+                proj = Projector(lm.module, layers, lm.mean, lm.std, method)
+                tf, tp = [], []
+                for _ in range(args.repeats):  # alternated
+                    tf.append(_forward(tap, pixels))
+                    seconds, maps = _project(proj, pixels, picked)
+                    tp.append(seconds)
+                tc = _cut(maps, picked, fields, patch_size)
+                f_, p_ = statistics.median(tf), statistics.median(tp)
+                print(
+                    f"{key:7s} {k:3d} {total / len(batch_ids):8.1f} ({method}) {f_:8.3f} "
+                    f"{p_:9.2f} ({p_ / f_:5.1f}x) {tc:6.2f}  {waste:5.2f}",
+                    flush=True,
+                )
+
+
+def _forward(tap, pixels) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        tap(pixels)
+    return time.perf_counter() - t0
+
+
+def _project(proj, pixels, picked):
+    t0 = time.perf_counter()
+    maps = {}
+    with torch.inference_mode():  # as in the second pass
+        for n, (rows, ch, yx) in picked.items():
+            maps[n] = list(proj.project(pixels, n, rows, ch, yx))
+    return time.perf_counter() - t0, maps
+
+
+def _cut(maps, picked, fields, patch_size) -> float:
+    t0 = time.perf_counter()
+    for n, parts in maps.items():
+        yx = picked[n][2]
+        for index, m in parts:
+            cut_projections(m, boxes(fields[n], yx[index]), patch_size[n])
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
