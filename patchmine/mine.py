@@ -241,8 +241,9 @@ class Miner:
         self.views = chosen.views
         self.tap = Tap(lm.module, self.layers, lm.mean, lm.std, chosen.views)
         self.tap.to(self.device).eval()
-        self.topk = {
-            name: TopK(
+
+        def collector(kind, name: str):  # TopK or BottomK of one node, with its NMS geometry
+            return kind(
                 self.shapes[name][0],
                 k,
                 per_image,
@@ -251,20 +252,11 @@ class Miner:
                 self.fields[name].suppression.stride,
                 device=self.device,
             )
-            for name in self.layers
-        }
+
+        self.topk = {name: collector(TopK, name) for name in self.layers}
         self.stats = {n: RunningStats(self.shapes[n][0], device=self.device) for n in self.layers}
         self.bottom = {
-            name: BottomK(
-                self.shapes[name][0],
-                k,
-                per_image,
-                self.fmap_hw(name),
-                self.fields[name].suppression.size,
-                self.fields[name].suppression.stride,
-                device=self.device,
-            )
-            for name in (self.layers if self.bottom_k else [])
+            name: collector(BottomK, name) for name in (self.layers if self.bottom_k else [])
         }
         self.classes = {}
         # per-image maxima and labels waiting for the class means: added a few thousand images at
