@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from patchmine.maps import Maps
+from patchmine.maps import Maps, map_min
 from patchmine.topk import TopK
 
 __all__ = ["BottomK"]
@@ -54,9 +54,10 @@ class BottomK:
     fmap_hw = property(lambda self: self._top.fmap_hw)
     device = property(lambda self: self._top.device)
 
-    def add(self, acts: torch.Tensor, image_index: torch.Tensor) -> None:
+    def add(self, acts: torch.Tensor, image_index: torch.Tensor, maps: Maps | None = None) -> None:
         """Offer a batch of activations: (N, C, H, W) or (N, C), and (N,) int64 corpus indices
-        (as `TopK.add`).
+        (as `TopK.add`); ``maps``: ``reduce_maps(acts, minimum=True)`` when the caller has it
+        (only its ``min`` and ``nan`` are read).
 
         On CPU the batch is not negated whole: one ``amin`` per map gives the negated maxima
         (NaN left out, as `patchmine.maps.map_max` does), and only the maps that can enter
@@ -68,13 +69,10 @@ class BottomK:
             return
         N, C = acts.shape[:2]
         x = acts.detach().reshape(N * C, -1)
-        low = x.amin(1).float()  # propagates NaN
-        nan = torch.isnan(low)
-        has_nan = bool(nan.any())
-        if has_nan:  # rare: the min of the other values; +inf (never enters) for none
-            rows = nan.nonzero().squeeze(1)
-            inf = float("inf")
-            low[rows] = x[rows].float().nan_to_num(nan=inf, posinf=inf, neginf=-inf).amin(1)
+        if maps is not None and maps.min is not None:
+            low, has_nan = maps.min.reshape(-1).clone(), maps.nan
+        else:  # +inf (never enters) for a map without a value
+            low, has_nan = map_min(x.float())
         high = low.neg_().view(N, C)  # the maxima of -acts
         need = top._candidates(high, image_index.to(torch.int64) * (x.shape[1]))
         if 2 * need.numel() >= N * C:

@@ -105,13 +105,19 @@ def _model_args(
 ) -> None:
     if positional:
         p.add_argument(
-            "model", nargs="?", default=None,
+            "model",
+            nargs="?",
+            default=None,
             help="torchvision name, efficientnet_lite0 (default), or file.py:factory",
         )
     else:
         p.add_argument("--model", "-m", default=None, help="model (default: efficientnet_lite0)")
-    p.add_argument("--weights", "-w", default=None,
-                   help=weights_help or "DEFAULT, a weights name, none, or a path")
+    p.add_argument(
+        "--weights",
+        "-w",
+        default=None,
+        help=weights_help or "DEFAULT, a weights name, none, or a path",
+    )
     p.add_argument("--input-size", type=_positive, default=224, help="input side S (default 224)")
 
 
@@ -163,8 +169,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
             for name in shapes
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"# {lm.name}  input={args.input_size}x{args.input_size}  (architecture only: no weights "
-          "are loaded)")
+    print(
+        f"# {lm.name}  input={args.input_size}x{args.input_size}  (architecture only: no weights "
+        "are loaded)"
+    )
     print("# * mined when --layers is not given; a module name means its output node")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -187,14 +195,30 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     try:
         summary = mine(
-            args.corpus, args.out, model=args.model, weights=args.weights, layers=args.layers,
-            k=args.k, per_image=args.per_image, input_size=args.input_size, resize=args.resize,
-            batch_size=args.batch_size, workers=args.workers, device=args.device,
-            resume=args.resume, checkpoint_every=args.checkpoint_every, shard=args.shard,
-            force=args.force, progress=not args.quiet, patch_size=args.patch_size,
-            labels=args.labels, channel_names=args.channel_names, bottom_k=args.bottom_k,
+            args.corpus,
+            args.out,
+            model=args.model,
+            weights=args.weights,
+            layers=args.layers,
+            k=args.k,
+            per_image=args.per_image,
+            input_size=args.input_size,
+            resize=args.resize,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            shard=args.shard,
+            force=args.force,
+            progress=not args.quiet,
+            patch_size=args.patch_size,
+            labels=args.labels,
+            channel_names=args.channel_names,
+            bottom_k=args.bottom_k,
             min_inside=args.min_inside,
-            jpeg_draft=args.jpeg_draft, projection=args.projection,
+            jpeg_draft=args.jpeg_draft,
+            projection=args.projection,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -206,8 +230,11 @@ def cmd_mine(args: argparse.Namespace) -> int:
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
     except OSError as e:  # a full disk and the like: the checkpoint (if any) survives
         ckpt = _mine_checkpoint(args)
-        hint = (f"; the run so far is saved in {ckpt}: make room, then rerun with --resume"
-                if os.path.exists(ckpt) else "")
+        hint = (
+            f"; the run so far is saved in {ckpt}: make room, then rerun with --resume"
+            if os.path.exists(ckpt)
+            else ""
+        )
         print(f"patchmine mine: error: {_oserror(e)}{hint}", file=sys.stderr)
         _exit_if_stuck(e, 1)
         return 1
@@ -261,8 +288,14 @@ def cmd_project(args: argparse.Namespace) -> int:
     from patchmine.reproject import project
 
     try:
-        summary = project(args.file, method=args.method, batch_size=args.batch_size,
-                          workers=args.workers, device=args.device, progress=not args.quiet)
+        summary = project(
+            args.file,
+            method=args.method,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            progress=not args.quiet,
+        )
     except KeyboardInterrupt as e:
         print(f"patchmine project: interrupted; {args.file} is unchanged", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
@@ -282,13 +315,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         inside = f"  min_inside={a['min_inside']:g}" if "min_inside" in a else ""
         bottom = "  bottom-k too" if a.get("bottom_k") else ""
         print(f"  top-k      k={a['k']}  per_image={a['per_image']}{inside}{bottom}")
-        print(f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
-              + ", ".join(a["corpus_roots"] if isinstance(a["corpus_roots"], list)
-                          else [a["corpus_roots"]]))
+        print(
+            f"  images     {a['n_images']} ({a['n_failed']} unreadable)  roots: "
+            + ", ".join(
+                a["corpus_roots"] if isinstance(a["corpus_roots"], list) else [a["corpus_roots"]]
+            )
+        )
         if "shard" in a:
             print(f"  shard      {a['shard'][0]}/{a['shard'][1]}")
-        print(f"  made       {a['created_utc']} by patchmine {a['patchmine_version']}, "
-              f"torch {a['torch_version']}, torchvision {a['torchvision_version']}")
+        print(
+            f"  made       {a['created_utc']} by patchmine {a['patchmine_version']}, "
+            f"torch {a['torch_version']}, torchvision {a['torchvision_version']}"
+        )
         if "allocator" in a:
             print(f"  allocator  {a['allocator']}")
         if "projection" in a:
@@ -299,32 +337,44 @@ def cmd_info(args: argparse.Namespace) -> int:
             unlabelled = int((r.image_label < 0).sum())
             shown = ", ".join(f"{n} {c}" for n, c in zip(names[:8], count[:8], strict=False))
             more = f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
-            print(f"  labels     {len(names)} from {a.get('labels', '?')}; images per label: "
-                  f"{shown}{more}; {unlabelled} unlabelled")
+            print(
+                f"  labels     {len(names)} from {a.get('labels', '?')}; images per label: "
+                f"{shown}{more}; {unlabelled} unlabelled"
+            )
         print("  layers     (border: the share of kept entries whose field crosses the input edge)")
         for name in r.layers:
             lr = r.layer(name)
             la = lr.attrs
             fh = "x".join(str(v) for v in la["fmap_hw"])
-            rf = "whole input" if la.get("rf_whole") else (
-                f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}")
+            rf = (
+                "whole input"
+                if la.get("rf_whole")
+                else (
+                    f"rf {la['rf_size'][0]} stride {la['rf_stride'][0]} offset {la['rf_offset'][0]}"
+                )
+            )
             share = la.get("border_share")  # NaN for a layer without entries
             edge = "" if share is None or share != share else f"  border {100 * share:.0f}%"
             node = la.get("node", name)
             node = f"  (node {node})" if node != name else ""
-            print(f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
-                  f"{edge}{node}")
+            print(
+                f"    {name:<28} {lr.channels:>5} ch  {fh:>7}  {rf}  patch {lr.patch_size}px"
+                f"{edge}{node}"
+            )
             for line in _layer_notes(lr, names):
                 print(f"      {line}")
-        fails = [(p, e) for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok,
-                                            strict=True) if not ok]
+        fails = [
+            (p, e)
+            for p, e, ok in zip(r.image_paths, r.image_error, r.image_ok, strict=True)
+            if not ok
+        ]
         for p, e in fails[:10]:
             print(f"  unreadable {p}: {e}")
     return 0
 
 
 def _channel_title(c: int, names: Sequence[str] | None) -> str:
-    """"channel 967 - espresso" where the layer has channel names, else "channel 967"."""
+    """ "channel 967 - espresso" where the layer has channel names, else "channel 967"."""
     return f"channel {c} - {names[c]}" if names else f"channel {c}"
 
 
@@ -356,8 +406,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     from patchmine.gallery import render
 
     channels = parse_channels(args.channels) if args.channels else None
-    index = render(args.file, args.out, layers=args.layers, channels=channels,
-                   overlay=args.overlay, progress=not args.quiet)
+    index = render(
+        args.file,
+        args.out,
+        layers=args.layers,
+        channels=channels,
+        overlay=args.overlay,
+        progress=not args.quiet,
+    )
     if not args.quiet:
         print(f"wrote {index}")
     return 0
@@ -366,8 +422,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_filters(args: argparse.Namespace) -> int:
     from patchmine.filters import filters
 
-    im = filters(args.model, args.weights, args.out, scale=args.scale, norm=args.norm,
-                 input_size=args.input_size)
+    im = filters(
+        args.model,
+        args.weights,
+        args.out,
+        scale=args.scale,
+        norm=args.norm,
+        input_size=args.input_size,
+    )
     print(f"wrote {args.out}: {im.info['description']}")
     return 0
 
@@ -396,6 +458,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Batch size, decoding workers and device: the options of a command that runs the model."""
+    p.add_argument("--batch-size", "-b", type=_positive, default=32)
+    p.add_argument(
+        "--workers",
+        "-j",
+        type=_nonneg,
+        default=None,
+        help="decoding worker processes (default: cores - 1, at most 4)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="patchmine",
@@ -407,54 +482,112 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchmine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("layers", help="list a model's nodes and modules with shapes and "
-                       "receptive fields; * marks the default layers")
-    _model_args(p, positional=True, weights_help="ignored: the table is the architecture's, built "
-                "without weights (no download, no checkpoint read)")
-    p.add_argument("--modules", action="store_true",
-                   help="list the blocks (modules that hold others) with their output nodes")
+    p = sub.add_parser(
+        "layers",
+        help="list a model's nodes and modules with shapes and "
+        "receptive fields; * marks the default layers",
+    )
+    _model_args(
+        p,
+        positional=True,
+        weights_help="ignored: the table is the architecture's, built "
+        "without weights (no download, no checkpoint read)",
+    )
+    p.add_argument(
+        "--modules",
+        action="store_true",
+        help="list the blocks (modules that hold others) with their output nodes",
+    )
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("mine", help="mine a corpus into an HDF5 result file")
     p.add_argument("corpus", nargs="+", help="image folders and/or text files listing images")
     p.add_argument("--out", "-o", required=True, help="result file (.h5)")
     _model_args(p)
-    p.add_argument("--layers", "-l", type=_layer_list, default=None,
-                   help="comma-separated node or module names, as `patchmine layers MODEL` lists "
-                   "them (a module means its output node; default: the model's set, marked there)")
+    p.add_argument(
+        "--layers",
+        "-l",
+        type=_layer_list,
+        default=None,
+        help="comma-separated node or module names, as `patchmine layers MODEL` lists "
+        "them (a module means its output node; default: the model's set, marked there)",
+    )
     p.add_argument("-k", type=_positive, default=9, help="entries per channel (default 9)")
-    p.add_argument("--per-image", type=_positive, default=1,
-                   help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)")
-    p.add_argument("--batch-size", "-b", type=_positive, default=32)
-    p.add_argument("--workers", "-j", type=_nonneg, default=None,
-                   help="decoding worker processes (default: cores - 1, at most 4)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--resize", type=_positive, default=None, metavar="R",
-                   help="shorter side before the center crop, as torchvision's Resize(R) + "
-                   "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)")
-    p.add_argument("--patch-size", type=_positive, default=96,
-                   help="largest stored patch side; larger fields are resampled (default 96)")
-    p.add_argument("--min-inside", type=_fraction, default=None, metavar="F",
-                   help="only units whose field has at least fraction F (0 < F <= 1) inside the "
-                   "input compete: leaves out border units that padding drives (default: all)")
-    p.add_argument("--jpeg-draft", action="store_true",
-                   help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
-                        "(faster; pixels close to, not equal to, a full decode)")
-    p.add_argument("--projection", default="none", metavar="METHOD",
-                   help="also store each entry's projection onto its patch: deconvnet (ZFNet), "
-                        "guided, gradient or none (default none)")
+    p.add_argument(
+        "--per-image",
+        type=_positive,
+        default=1,
+        help="entries one image may give a channel (default 1; >1 uses IoU 0.5 NMS)",
+    )
+    _run_options(p)
+    p.add_argument(
+        "--resize",
+        type=_positive,
+        default=None,
+        metavar="R",
+        help="shorter side before the center crop, as torchvision's Resize(R) + "
+        "CenterCrop(S) (default S; 256 for torchvision's ImageNet weights)",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=_positive,
+        default=96,
+        help="largest stored patch side; larger fields are resampled (default 96)",
+    )
+    p.add_argument(
+        "--min-inside",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="only units whose field has at least fraction F (0 < F <= 1) inside the "
+        "input compete: leaves out border units that padding drives (default: all)",
+    )
+    p.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale "
+        "(faster; pixels close to, not equal to, a full decode)",
+    )
+    p.add_argument(
+        "--projection",
+        default="none",
+        metavar="METHOD",
+        help="also store each entry's projection onto its patch: deconvnet (ZFNet), "
+        "guided, gradient or none (default none)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--checkpoint-every", type=_nonneg, default=50, metavar="N",
-                   help="save progress every N batches (default 50; 0 never)")
-    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                   help="mine only slice I of N (merge the shard files with `patchmine merge`)")
-    p.add_argument("--labels", default=None, metavar="folder|FILE.csv",
-                   help="image labels: 'folder' (ROOT/CLASS/IMAGE) or a CSV of path,label rows; "
-                   "stores per-channel class means and selectivity")
-    p.add_argument("--channel-names", default=None, metavar="FILE.txt",
-                   help="names of the channels (one per line) of layers with as many channels")
-    p.add_argument("--bottom-k", action="store_true",
-                   help="also keep each channel's k most negative activations (bottom/)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_nonneg,
+        default=50,
+        metavar="N",
+        help="save progress every N batches (default 50; 0 never)",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="mine only slice I of N (merge the shard files with `patchmine merge`)",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="folder|FILE.csv",
+        help="image labels: 'folder' (ROOT/CLASS/IMAGE) or a CSV of path,label rows; "
+        "stores per-channel class means and selectivity",
+    )
+    p.add_argument(
+        "--channel-names",
+        default=None,
+        metavar="FILE.txt",
+        help="names of the channels (one per line) of layers with as many channels",
+    )
+    p.add_argument(
+        "--bottom-k",
+        action="store_true",
+        help="also keep each channel's k most negative activations (bottom/)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_mine)
@@ -466,15 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("project", help="add (or replace) the projections of a result file, "
-                       "without mining again")
+    p = sub.add_parser(
+        "project", help="add (or replace) the projections of a result file, without mining again"
+    )
     p.add_argument("file", help="result file (.h5), rewritten atomically")
-    p.add_argument("--method", default="deconvnet",
-                   help="deconvnet (ZFNet, default), guided or gradient")
-    p.add_argument("--batch-size", "-b", type=_positive, default=32)
-    p.add_argument("--workers", "-j", type=_nonneg, default=None,
-                   help="decoding worker processes (default: cores - 1, at most 4)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--method", default="deconvnet", help="deconvnet (ZFNet, default), guided or gradient"
+    )
+    _run_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_project)
 
@@ -485,31 +617,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="montages, overviews and an HTML gallery of a result file")
     p.add_argument("file", help="result file (.h5)")
     p.add_argument("--out", "-o", required=True, help="output folder (gets index.html)")
-    p.add_argument("--layers", "-l", type=_layer_list, default=None,
-                   help="comma-separated layer names")
+    p.add_argument(
+        "--layers", "-l", type=_layer_list, default=None, help="comma-separated layer names"
+    )
     p.add_argument("--channels", "-c", default=None, help="e.g. 0,5,9-20 (default: all)")
-    p.add_argument("--overlay", choices=("heat", "mask", "none"), default="heat",
-                   help="activation overlay on the patches (default heat)")
+    p.add_argument(
+        "--overlay",
+        choices=("heat", "mask", "none"),
+        default="heat",
+        help="activation overlay on the patches (default heat)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("filters", help="first-layer RGB kernels as an image (AlexNet conv1 style)")
     _model_args(p, positional=True)
     p.add_argument("--out", "-o", required=True, help="output image (.png)")
-    p.add_argument("--scale", type=_positive, default=None,
-                   help="pixels per kernel weight (default: kernels about 48 px wide)")
-    p.add_argument("--norm", choices=("minmax", "symmetric"), default="minmax",
-                   help="per-kernel min/max to 0..255, or symmetric around 0 (default minmax)")
+    p.add_argument(
+        "--scale",
+        type=_positive,
+        default=None,
+        help="pixels per kernel weight (default: kernels about 48 px wide)",
+    )
+    p.add_argument(
+        "--norm",
+        choices=("minmax", "symmetric"),
+        default="minmax",
+        help="per-kernel min/max to 0..255, or symmetric around 0 (default minmax)",
+    )
     p.set_defaults(func=cmd_filters)
 
-    p = sub.add_parser("run", help="a pipeline file: build the corpus, mine, render; only what is "
-                       "out of date")
+    p = sub.add_parser(
+        "run", help="a pipeline file: build the corpus, mine, render; only what is out of date"
+    )
     p.add_argument("pipeline", help="pipeline file (.toml), e.g. pipelines/demo.toml")
     p.add_argument("--force", action="store_true", help="re-run every step, even up to date ones")
-    p.add_argument("--dry-run", "-n", action="store_true",
-                   help="say what would run, and why, without running it")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="step lines only: no progress bars or mining summary")
+    p.add_argument(
+        "--dry-run",
+        "-n",
+        action="store_true",
+        help="say what would run, and why, without running it",
+    )
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="step lines only: no progress bars or mining summary",
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from patchmine import receptive, svg, tiles
+from patchmine import geometry, svg, tiles
 from patchmine.errors import UsageError
+from patchmine.layout import CONTEXT, tile_side
 from patchmine.overlays import OVERLAYS, colormap_stops
 from patchmine.pages import (
     ChannelView,
@@ -41,8 +42,6 @@ from patchmine.pages import (
     sheet_html,
 )
 from patchmine.pictures import (
-    CONTEXT,
-    MIN_TILE,
     Channel,
     LayerInfo,
     _fit_square,
@@ -79,11 +78,6 @@ def _fmap(layer) -> str:
 def _store_side(p: int) -> int:
     """Stored tile side: the patch itself, or a whole multiple of it when tiny."""
     return p * math.ceil(64 / p) if p < 64 else p
-
-
-def _show_side(p: int) -> int:
-    """Shown tile side (CSS px): at least `MIN_TILE`, a whole multiple of small patches."""
-    return p * math.ceil(MIN_TILE / p) if p < MIN_TILE else p
 
 
 class _Layer:
@@ -153,7 +147,7 @@ def _crop_square(result, i: int, input_size: int):
     tr = result.image_transform[i]
     if not (tr[0] > 0 and input_size):
         return None
-    crop = receptive.to_original((0, 0, input_size, input_size), tr, np.float64)
+    crop = geometry.to_original((0, 0, input_size, input_size), tr, np.float64)
     h, w = (float(v) for v in result.image_shape[i])
     if crop[0] > 1 or crop[1] > 1 or crop[2] < h - 1 or crop[3] < w - 1:
         return tuple(float(v) for v in crop)
@@ -177,7 +171,7 @@ def _render_channel(L: _Layer, ch: Channel, extra: dict, prev_c, next_c, origina
     """Draw and write one channel's sheets and page; returns the file names written."""
     info, c, folder = L.info, ch.c, L.folder
     p = info.patch_size
-    side, show = _store_side(p), _show_side(p)
+    side, show = _store_side(p), tile_side(p)  # stored, and shown in CSS px
     written = []
     v = ChannelView(info=info, c=c, records=ch.records, name=L.name(c), overlay=L.overlay)
     result = L.result

@@ -1,6 +1,6 @@
 """Per-map reductions of a batch of activations, shared by the collectors (pure torch).
 
-Public names: `Maps`, `reduce_maps`, `map_max`, `exact_moments`, `lattice`.
+Public names: `Maps`, `reduce_maps`, `map_max`, `map_min`, `exact_moments`, `lattice`.
 
 TopK needs the max of every (image, channel) map, RunningStats its count, mean and M2 (the sum of
 squared deviations from its mean) and a few sampled values. `reduce_maps` takes them all on CPU:
@@ -23,10 +23,11 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Maps", "reduce_maps", "map_max", "exact_moments", "lattice"]
+__all__ = ["Maps", "reduce_maps", "map_max", "map_min", "exact_moments", "lattice"]
 
 _WELL_CONDITIONED = 8.0  # sum(x^2) <= 8 * M2: the fast formula loses at most ~3 bits of M2
 _SEGMENT = 4096  # maps with more values are summed row by row
+_CHUNK = 1 << 19  # values per chunk of maps reduced together: 2 MB, a core's L2 cache
 
 
 class Maps(NamedTuple):
@@ -42,6 +43,7 @@ class Maps(NamedTuple):
     grid: torch.Tensor | None  # (N, C, S) float32: the values at the `lattice` locations
     lattice: tuple[int, int] | None  # (offset, step) of the sampled flat locations
     nan: bool  # whether any map holds a NaN
+    min: torch.Tensor | None = None  # (N, C) float32, over the non-NaN values (+inf when none)
 
 
 def lattice(H: int, W: int, sample: int) -> tuple[int, int]:
@@ -63,12 +65,26 @@ def map_max(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Max of each row of ``x`` (R, L) over its non-NaN values (-inf when none), and whether any
     row holds a NaN. Uses ``amax`` (which propagates NaN); only rows with a NaN are read twice."""
     m = x.amax(1)
+    return m, _skip_nan(m, x, largest=True)
+
+
+def map_min(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`map_max`'s counterpart: the min over the non-NaN values (+inf when none)."""
+    m = x.amin(1)
+    return m, _skip_nan(m, x, largest=False)
+
+
+def _skip_nan(m: torch.Tensor, x: torch.Tensor, largest: bool) -> bool:
+    """Mend in place the entries of ``m`` (``amax`` or ``amin`` of ``x``'s rows) that a NaN made
+    NaN: the extreme of the row's other values. Returns whether there were any."""
     nan = torch.isnan(m)
-    has_nan = bool(nan.any())
-    if has_nan:
-        rows = nan.nonzero().squeeze(1)
-        m[rows] = x[rows].nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amax(1)
-    return m, has_nan
+    if not bool(nan.any()):
+        return False
+    rows = nan.nonzero().squeeze(1)
+    inf = math.inf
+    rest = x[rows].float().nan_to_num(nan=-inf if largest else inf, posinf=inf, neginf=-inf)
+    m[rows] = rest.amax(1) if largest else rest.amin(1)
+    return True
 
 
 def exact_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,26 +101,42 @@ def exact_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return count, mean, dev.square().sum(1)
 
 
-def reduce_maps(acts: torch.Tensor, sample: int | None = None) -> Maps:
+def reduce_maps(acts: torch.Tensor, sample: int | None = None, minimum: bool = False) -> Maps:
     """Max, count, mean and M2 of every map of ``acts`` (N, C, ...) on CPU.
 
     With ``sample`` (RunningStats' setting) the values at ``lattice(H, W, sample)`` are copied out
-    as well, for the quantile histogram. Hand the result to ``TopK.add`` and ``RunningStats.add``
-    (``maps=``); it costs three reads of the activations (amax, sum, norm).
+    as well, for the quantile histogram; with ``minimum`` each map's min too (for BottomK). Hand
+    the result to ``TopK.add``, ``RunningStats.add`` and ``BottomK.add`` (``maps=``). The maps are
+    reduced a chunk of ~2 MB at a time, so that ``amax``, ``sum`` and ``vector_norm`` (and
+    ``amin``) read each chunk from memory once and from cache after.
     """
     N, C = acts.shape[:2]
     L = math.prod(acts.shape[2:])
-    x = acts.detach().float().reshape(N * C, L).contiguous()
-    mx, has_nan = map_max(x)
+    R = N * C
+    x = acts.detach().float().reshape(R, L).contiguous()
     # sums over segments (rows of a large map) in float32, then over a map's segments in float64:
     # vector_norm adds a row sequentially, so its error grows with the row's length
     seg = acts.shape[3] if acts.dim() == 4 and L > _SEGMENT else L
-    parts = x.view(N * C, L // seg, seg)
-    total = parts.sum(2).double().sum(1)
-    sumsq = torch.linalg.vector_norm(parts, dim=2).double().square().sum(1)
+    mx = torch.empty(R)
+    mn = torch.empty(R) if minimum else None
+    total = torch.empty(R, dtype=torch.float64)
+    sumsq = torch.empty(R, dtype=torch.float64)
+    rows = max(1, _CHUNK // L)
+    for at in range(0, R, rows):
+        part = x[at : at + rows]
+        torch.amax(part, 1, out=mx[at : at + rows])  # propagates NaN: mended below
+        if mn is not None:
+            torch.amin(part, 1, out=mn[at : at + rows])
+        part = part.view(-1, L // seg, seg)
+        torch.sum(part.sum(2).double(), 1, out=total[at : at + rows])
+        norm = torch.linalg.vector_norm(part, dim=2).double().square_()
+        torch.sum(norm, 1, out=sumsq[at : at + rows])
+    has_nan = _skip_nan(mx, x, largest=True)
+    if has_nan and mn is not None:
+        _skip_nan(mn, x, largest=False)
     mean = total / L
     m2 = sumsq - total * mean
-    count = torch.full((N * C,), L, dtype=torch.int64)
+    count = torch.full((R,), L, dtype=torch.int64)
     redo = (~(sumsq <= _WELL_CONDITIONED * m2)).nonzero().squeeze(1)  # NaN compares False
     if redo.numel():
         count[redo], mean[redo], m2[redo] = exact_moments(x[redo])
@@ -114,4 +146,4 @@ def reduce_maps(acts: torch.Tensor, sample: int | None = None) -> Maps:
         lat = lattice(H, W, sample)
         grid = x.view(N, C, L)[:, :, lat[0] :: lat[1]].contiguous()
     stats = (t.view(N, C) for t in (mx, count, mean, m2))
-    return Maps(*stats, grid, lat, has_nan)
+    return Maps(*stats, grid, lat, has_nan, None if mn is None else mn.view(N, C))

@@ -29,8 +29,8 @@ import torch
 from patchmine import store
 from patchmine.bottomk import BottomK
 from patchmine.errors import UsageError, differences
+from patchmine.geometry import Field
 from patchmine.labels import ClassMeans
-from patchmine.receptive import Field
 from patchmine.stats import RunningStats
 from patchmine.topk import TopK, entry_key
 

@@ -4,7 +4,7 @@ Public names: OVERLAYS, COLORMAP, colormap_stops, heat_range, overlay.
 
 A tile shows a winner's box (model-input pixels); its activation map ``heat`` (H, W) is laid over
 it by sampling, at every tile pixel, the map bilinearly at the location whose unit is centered
-there (`patchmine.receptive.locations`), so overlays stay exact for any stride and padding. Token
+there (`patchmine.geometry.locations`), so overlays stay exact for any stride and padding. Token
 maps of whole-input token nodes (layer attrs ``layout="tokens"``, ``token_rf_*``) are sampled per
 token (each pixel takes the value of the token whose patch holds it). Pixels of a box outside the
 input are never overlaid.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchmine import receptive
+from patchmine import geometry
 from patchmine.errors import UsageError
 
 __all__ = ["OVERLAYS", "COLORMAP", "colormap_stops", "heat_range", "overlay"]
@@ -95,14 +95,14 @@ def _token_field(attrs: dict) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _sample(hmap, box, side, field, tokens, input_size) -> tuple[np.ndarray, np.ndarray]:
     """(side, side) activations over ``box`` and the mask of its pixels inside the input."""
-    pix = receptive.pixel_centers(box, side)  # (side, 2): y, x
+    pix = geometry.pixel_centers(box, side)  # (side, 2): y, x
     if tokens is not None:
         stride, offset = tokens
         ty = np.clip(np.floor((pix[:, 0] - offset[0]) / stride[0]), 0, hmap.shape[0] - 1)
         tx = np.clip(np.floor((pix[:, 1] - offset[1]) / stride[1]), 0, hmap.shape[1] - 1)
         vals = hmap[ty.astype(np.int64)][:, tx.astype(np.int64)]
     else:
-        units = receptive.locations(field, pix)
+        units = geometry.locations(field, pix)
         iy0, iy1, wy = _bilinear(units[:, 0], hmap.shape[0])
         ix0, ix1, wx = _bilinear(units[:, 1], hmap.shape[1])
         rows = (1 - wy)[:, None] * hmap[iy0] + wy[:, None] * hmap[iy1]  # (side, W)
@@ -118,7 +118,7 @@ def overlay(
     box,
     mode: str,
     *,
-    field: receptive.Field,
+    field: geometry.Field,
     attrs: dict,
     input_size: int,
     value_range: tuple[float, float],

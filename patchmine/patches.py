@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from patchmine.corpus import Corpus, CorpusDataset, make_loader
-from patchmine.receptive import Field, boxes
+from patchmine.geometry import Field, boxes
 
 if TYPE_CHECKING:
     from patchmine.projections import Projector
@@ -323,7 +323,8 @@ def second_pass(
             yx = p.yx.reshape(-1, 2)[e]
             bx = boxes(p.field, yx)
             proj = out[p.key][2]
-            for at, maps in projector.project(pixels, p.name, row, e // p.score.shape[1], yx):
+            ch = e // p.score.shape[1]
+            for at, maps in projector.project(pixels, p.name, row, ch, yx, bx):
                 proj.put(e[at], cut_projections(maps, bx[at], p.patch_size))
 
     from tqdm.auto import tqdm  # imported where used: startup

@@ -29,8 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from patchmine import overlays, receptive
+from patchmine import geometry, overlays
 from patchmine.errors import UsageError
+from patchmine.layout import (
+    CONTEXT,
+    HEADER_SIZE,
+    LABEL_SIZE,
+    LINE,
+    PAD,
+    Grid,
+    context_grid,
+    montage_grid,
+    overview_grid,
+    thumb_side,
+)
 from patchmine.overlays import OVERLAYS
 
 __all__ = [
@@ -49,10 +61,6 @@ DIM_TEXT = (150, 150, 160)
 SCORE = (255, 196, 80)
 BOX = (255, 214, 0)
 RED = (235, 64, 52)
-PAD = 6
-MIN_TILE = 112  # montage tiles are at least this many pixels wide
-THUMB = 64  # overview tiles
-CONTEXT = 200  # context view cells
 MASK_Q = 0.995
 
 
@@ -89,85 +97,6 @@ def format_number(v: float) -> str:
 # layouts
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Where the cells of a picture lie: ``n`` cells of ``tile`` x ``tile`` pixels in ``cols``
-    columns, each with a ``label_h`` pixel label beneath, ``pad`` pixels apart, under a ``header_h``
-    pixel title.
-    """
-
-    n: int
-    cols: int
-    tile: int
-    label_h: int
-    pad: int = PAD
-    header_h: int = 0
-
-    @property
-    def rows(self) -> int:
-        return max(1, math.ceil(self.n / self.cols))
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the whole picture."""
-        w = self.pad + self.cols * (self.tile + self.pad)
-        h = self.header_h + self.pad + self.rows * (self.tile + self.label_h + self.pad)
-        return w, h
-
-    def cell(self, i: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of cell ``i``: its tile and its label."""
-        r, c = divmod(i, self.cols)
-        x = self.pad + c * (self.tile + self.pad)
-        y = self.header_h + self.pad + r * (self.tile + self.label_h + self.pad)
-        return x, y, x + self.tile, y + self.tile + self.label_h
-
-    def tile_box(self, i: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the picture part of cell ``i``."""
-        x0, y0, x1, _ = self.cell(i)
-        return x0, y0, x1, y0 + self.tile
-
-    def label_box(self, i: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the label part of cell ``i``."""
-        x0, y0, x1, y1 = self.cell(i)
-        return x0, y0 + self.tile, x1, y1
-
-
-_LABEL_SIZE = 13
-_LINE = _LABEL_SIZE + 4
-_LABEL_H = 2 * _LINE + 4
-_HEADER_SIZE = 15
-_HEADER_H = _HEADER_SIZE + 12
-
-
-def montage_grid(k: int, patch_size: int) -> Grid:
-    """The montage layout for ``k`` patches of ``patch_size`` pixels (3 x 3 for k = 9)."""
-    cols = max(1, math.ceil(math.sqrt(k)))
-    return Grid(k, cols, _tile_side(patch_size), label_h=_LABEL_H, header_h=_HEADER_H)
-
-
-def overview_grid(channels: int, patch_size: int) -> Grid:
-    """The overview layout: one thumbnail per channel, a little wider than tall."""
-    cols = max(1, math.ceil(math.sqrt(channels * 1.5)))
-    cols = min(cols, channels) if channels else 1
-    return Grid(channels, cols, thumb_side(patch_size), label_h=15, pad=4, header_h=_HEADER_H)
-
-
-def context_grid(k: int) -> Grid:
-    """The context-view layout for ``k`` winners."""
-    cols = max(1, math.ceil(math.sqrt(k)))
-    return Grid(k, cols, CONTEXT, label_h=_LABEL_H, header_h=_HEADER_H)
-
-
-def _tile_side(p: int) -> int:
-    return p * math.ceil(MIN_TILE / p) if p < MIN_TILE else p
-
-
-def thumb_side(patch_size: int) -> int:
-    """Side of an overview tile: a whole multiple of small patches, else ``THUMB``."""
-    p = patch_size
-    return p * math.ceil(THUMB / p) if p < THUMB else THUMB
-
-
 def _resize_tile(img: np.ndarray, side: int) -> Image.Image:
     im = Image.fromarray(np.ascontiguousarray(img))
     if im.size == (side, side):
@@ -194,7 +123,7 @@ class LayerInfo:
     k: int
     patch_size: int
     input_size: int
-    field: receptive.Field
+    field: geometry.Field
     mean: np.ndarray
     max: np.ndarray
     threshold: np.ndarray
@@ -225,7 +154,7 @@ class LayerInfo:
             k=layer.k,
             patch_size=layer.patch_size,
             input_size=int(layer.result.attrs.get("input_size", 0) or 0),
-            field=receptive.Field.from_attrs(layer.attrs),
+            field=geometry.Field.from_attrs(layer.attrs),
             mean=np.asarray(st.get("mean", nan), dtype=np.float32).reshape(-1)[:c],
             max=np.asarray(st.get("max", nan), dtype=np.float32).reshape(-1)[:c],
             threshold=thr,
@@ -340,7 +269,7 @@ def _fit_square(im: Image.Image, side: int) -> Image.Image:
 
 
 def _header(draw: ImageDraw.ImageDraw, width: int, left: str, right: str = "") -> None:
-    f = _font(_HEADER_SIZE)
+    f = _font(HEADER_SIZE)
     draw.text((PAD, 6), _fit(f, left, width - 2 * PAD), font=f, fill=TEXT)
     if right:
         rw = f.getlength(right)
@@ -356,20 +285,20 @@ def _label(
     name: str,
     name_color=DIM_TEXT,
 ) -> None:
-    f = _font(_LABEL_SIZE)
+    f = _font(LABEL_SIZE)
     x0, y0, x1, _ = box
     y = y0 + 3
     tag = f"#{rank + 1}"
     draw.text((x0 + 2, y), tag, font=f, fill=TEXT)
     draw.text((x0 + 2 + f.getlength(tag) + 8, y), format_number(score), font=f, fill=SCORE)
     if name:
-        draw.text((x0 + 2, y + _LINE), _fit(f, name, x1 - x0 - 4), font=f, fill=name_color)
+        draw.text((x0 + 2, y + LINE), _fit(f, name, x1 - x0 - 4), font=f, fill=name_color)
 
 
 def _empty_tile(side: int) -> Image.Image:
     im = Image.new("RGB", (side, side), EMPTY)
     d = ImageDraw.Draw(im)
-    f = _font(_LABEL_SIZE)
+    f = _font(LABEL_SIZE)
     d.text(((side - f.getlength("empty")) / 2, side / 2 - 8), "empty", font=f, fill=DIM_TEXT)
     return im
 
@@ -609,7 +538,7 @@ def draw_context(ch: Channel, result, original: Callable[[int], Original]) -> Im
         transform = result.image_transform[rec["image"]]
         if transform[0] > 0 and info.input_size and not info.field.whole:  # the square it saw
             n = info.input_size
-            crop = receptive.to_original((0, 0, n, n), transform, np.float64)
+            crop = geometry.to_original((0, 0, n, n), transform, np.float64)
             cy0, cx0, cy1, cx1 = (float(v) * s for v in crop)
             if cy0 > 1 or cx0 > 1 or cy1 < thumb.height - 1 or cx1 < thumb.width - 1:
                 draw.rectangle(

@@ -112,8 +112,18 @@ _TABLES = ("corpus", "mine", "render")
 _REQUIRED_TABLES = ("corpus", "mine")
 # [mine] keys the result depends on; batch_size, workers and device do not change it (DESIGN.md)
 _RESULT_KEYS = (
-    "model", "weights", "layers", "k", "per_image", "input_size", "resize", "patch_size",
-    "min_inside", "labels", "channel_names", "bottom_k",
+    "model",
+    "weights",
+    "layers",
+    "k",
+    "per_image",
+    "input_size",
+    "resize",
+    "patch_size",
+    "min_inside",
+    "labels",
+    "channel_names",
+    "bottom_k",
 )
 
 

@@ -19,13 +19,21 @@ rules live in a rewritten copy of the traced graph (the ReLU-family nodes call a
 Function; torchvision.ops leaf modules that contain such ops are retraced and rewritten the same
 way): torch is not patched and the model is not touched.
 
-Batching, per node (on the graph cut at that node): an image with c entries is stacked c / r times
-(rounded up) along the batch, and each backward takes one entry of every copy: r rounds of backward
-per forward, r chosen to minimize copies * (1 + r). An image that wins many channels thus does not
-make the other images of its batch run idle backwards (one shared forward with one entry per image
-per round wasted 4-11x on AlexNet's winners). ``torch.autograd.grad(..., is_grads_batched=True)``
-over the rounds was slower on CPU than this loop (4.1 s vs 2.7 s for 8 rounds of AlexNet conv5,
-batch 8) and gives the same numbers.
+Batching, per node (on the graph cut at that node): an image's entries are dealt into groups whose
+receptive-field boxes are pairwise disjoint (one entry per group without boxes); an image with g
+groups is stacked g / r times (rounded up) along the batch, and each backward seeds one group of
+every copy: r rounds of backward per forward, r chosen to minimize copies * (1 + r). An image that
+wins many channels thus does not make the other images of its batch run idle backwards (one shared
+forward with one entry per image per round wasted 4-11x on AlexNet's winners).
+``torch.autograd.grad(..., is_grads_batched=True)`` over the rounds was slower on CPU than this loop
+(4.1 s vs 2.7 s for 8 rounds of AlexNet conv5, batch 8) and gives the same numbers.
+
+Seeding a group together is exact, bit for bit: every unit a unit depends on has its field inside
+the unit's box (the field is the union of its dependencies), so two units with disjoint boxes share
+no unit at any layer; every unit's backward value in the shared pass is then computed from exactly
+the values (and zeros) of the one-seed pass, and each entry's map is kept inside its own box. Nodes
+behind an op whose statistics mix positions although the field analysis counts it element-wise
+(GroupNorm, InstanceNorm, LayerNorm, batch statistics) never pack; whole-input fields always overlap.
 """
 
 from __future__ import annotations
@@ -273,11 +281,14 @@ class Projector:
         max_rows: most images (copies included) in one forward, which bounds memory.
         views: as the ``Tap`` takes them (`patchmine.taps.Layers.views`): for token, ``@cls`` and
             channel-last layers, the node to tap and how its output becomes the mined map.
+        pack: seed entries with disjoint boxes in one backward (the same bits); False: one entry
+            per backward, for comparisons.
 
     Attributes:
         n_modified: how many ReLU-family ops (call sites) the method changed before the deepest
             layer; 0 for gradient. A ``ProjectionWarning`` is issued when deconvnet or guided
             changes none.
+        forwards, backwards: how many forward and backward passes ``project`` has run.
 
     Raises:
         KeyError: (``UnknownNameError``) an unknown method; the message lists the valid ones.
@@ -292,6 +303,7 @@ class Projector:
         method: str,
         max_rows: int = 32,
         views: Mapping | None = None,
+        pack: bool = True,
     ):
         if method not in METHODS:
             raise UnknownNameError(
@@ -301,7 +313,10 @@ class Projector:
         self.max_rows = max(BATCH_MULTIPLE, max_rows - max_rows % BATCH_MULTIPLE)
         self.views = {n: views[n] for n in self.layers if n in (views or {})}
         self._graphs: dict[str, tuple[fx.GraphModule, int]] = {}
+        self._packable: dict[str, bool] = {}
+        self.pack = pack
         self.n_modified = 0
+        self.forwards = self.backwards = 0
         if method != "gradient":
             self.n_modified = rectified_ops(model, [self._tapped(n) for n in self.layers])
             if self.n_modified == 0:
@@ -334,6 +349,14 @@ class Projector:
         self._graph(node)
         return self._graphs[node][1]
 
+    def packable(self, node: str) -> bool:
+        """Whether entries of ``node`` with disjoint boxes may share a backward: False when an op
+        before it normalizes with statistics over positions (`_MIXING`), or without ``pack``."""
+        if node not in self._packable:
+            gm = self._graph(node)
+            self._packable[node] = not any(_mixes(m) for m in gm.modules())
+        return self.pack and self._packable[node]
+
     def _forward(self, pixels: torch.Tensor, node: str):
         """(leaf, scale, node output) of a forward that keeps its graph; call with grad enabled."""
         n = pixels.shape[0]
@@ -362,13 +385,16 @@ class Projector:
         rows: Sequence[int] | np.ndarray,
         channels: Sequence[int] | np.ndarray,
         yx: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Projections of entries of one node, computed a round of entries per backward.
 
-        An image with ``c`` entries is forwarded ``ceil(c / r)`` times (copies stacked along the
-        batch, at most ``max_rows`` rows per forward) and each backward takes one entry per copy;
-        ``r`` minimizes ``copies * (1 + r)`` (a backward costs about a forward), so an image that
-        wins many channels does not make every other image of the batch run idle backwards.
+        An image's entries are dealt, in order, into groups of pairwise disjoint ``boxes`` (one
+        entry per group without boxes); an image with ``g`` groups is forwarded ``ceil(g / r)``
+        times (copies stacked along the batch, at most ``max_rows`` rows per forward) and each
+        backward seeds one group per copy; ``r`` minimizes ``copies * (1 + r)`` (a backward costs
+        about a forward), so an image that wins many channels does not make every other image of
+        the batch run idle backwards. The maps are the same bits as one backward per entry.
 
         Args:
             pixels: (B, 3, S, S) uint8 (0-255), or float in [0, 1]. Works under ``inference_mode``.
@@ -376,10 +402,14 @@ class Projector:
             rows: (M,) the image of each entry (its row in ``pixels``).
             channels: (M,) the channel of each entry.
             yx: (M, 2) feature-map locations for an (N, C, H, W) node; ignored for (N, C).
+            boxes: (M, 4) the entries' fields ``(y0, x0, y1, x1)`` as `patchmine.geometry.boxes`
+                gives them (not clipped; whole-input for an (N, C) node), or None: one entry per
+                backward.
 
         Yields:
             ``(index, maps)``: index (m,) int64 positions in the entries, maps (m, 3, S, S) float32
-            on the pixels' device, d activation / d [0, 1] input, 0 outside the entry's field.
+            on the pixels' device, d activation / d [0, 1] input, 0 outside the entry's field
+            (with ``boxes``, set to exactly 0 there).
         """
         self._graph(node)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -390,7 +420,11 @@ class Projector:
             raise IndexError(f"rows must lie in [0, {pixels.shape[0]})")
         if yx is not None:
             yx = np.asarray(yx, dtype=np.int64).reshape(-1, 2)
-        copy_of, round_of = _pack(rows)
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+            if len(boxes) != len(rows):
+                raise ValueError(f"{len(boxes)} boxes for {len(rows)} entries")
+        copy_of, round_of = _pack(rows, boxes if self.packable(node) else None, self.max_rows)
         n_copies = int(copy_of.max()) + 1
         for lo in range(0, n_copies, self.max_rows):
             in_chunk = np.flatnonzero((copy_of >= lo) & (copy_of < lo + self.max_rows))
@@ -404,12 +438,14 @@ class Projector:
                 round_of[in_chunk],
                 channels[in_chunk],
                 None if yx is None else yx[in_chunk],
+                None if boxes is None else boxes[in_chunk],
             )
 
-    def _chunk(self, stacked, node, entry, copy_of, round_of, channels, yx):
+    def _chunk(self, stacked, node, entry, copy_of, round_of, channels, yx, boxes):
         # the grad-mode contexts close before each yield, or they would leak into the caller
         with torch.inference_mode(False), torch.enable_grad():
             leaf, scale, act = self._forward(stacked, node)
+        self.forwards += 1
         if act.ndim == 4:
             if yx is None:
                 raise ValueError(f"node {node!r} is (N, C, H, W): entries need yx")
@@ -422,6 +458,8 @@ class Projector:
         rounds = int(round_of.max()) + 1
         for r in range(rounds):
             where = np.flatnonzero(round_of == r)
+            if act.ndim == 2 and len(np.unique(copy_of[where])) < len(where):
+                raise ValueError(f"node {node!r} is (N, C): its entries' boxes cannot be disjoint")
             with torch.inference_mode(False), torch.enable_grad():
                 seed = torch.zeros_like(act)
                 seed[tuple(torch.from_numpy(u[where]).to(device) for u in unit)] = 1
@@ -429,6 +467,9 @@ class Projector:
                 maps = grad[torch.from_numpy(copy_of[where]).to(device)]
                 if scale != 1:
                     maps.mul_(scale)
+                if boxes is not None:  # the other entries of the copy lie outside the box
+                    maps = torch.where(_inside(boxes[where], maps.shape[-2:], device), maps, 0.0)
+            self.backwards += 1
             yield entry[where], maps
 
     def project_all(
@@ -438,32 +479,105 @@ class Projector:
         rows: Sequence[int] | np.ndarray,
         channels: Sequence[int] | np.ndarray,
         yx: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Every entry's projection gathered: (M, 3, S, S) float32, in the order of ``rows``."""
         out = torch.zeros((len(rows), 3, *pixels.shape[-2:]), device=pixels.device)
-        for index, maps in self.project(pixels, node, rows, channels, yx):
+        for index, maps in self.project(pixels, node, rows, channels, yx, boxes):
             out[torch.from_numpy(index).to(out.device)] = maps
         return out
 
 
-def _pack(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Deal entries into (copy, round): each copy holds one image, each round one entry per copy.
+# statistics over positions, which the field analysis counts as element-wise
+_MIXING = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_MIXING_CALLS = {
+    F.group_norm, F.layer_norm, F.instance_norm, F.batch_norm, torch.group_norm,
+    torch.layer_norm, torch.instance_norm, torch.batch_norm,
+}  # fmt: skip
+
+
+def _mixes(mod: nn.Module) -> bool:
+    """Whether ``mod`` (or its graph, for a GraphModule) normalizes with statistics over positions."""
+    if isinstance(mod, _MIXING):
+        return True
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.training or mod.running_mean is None
+    if isinstance(mod, fx.GraphModule):
+        for n in mod.graph.nodes:
+            try:
+                if n.op == "call_function" and n.target in _MIXING_CALLS:
+                    return True
+            except TypeError:  # an unhashable target
+                continue
+            if n.op == "call_method" and n.target in ("group_norm", "layer_norm", "instance_norm"):
+                return True
+    return False
+
+
+def _inside(box: np.ndarray, hw, device) -> torch.Tensor:
+    """(m, 1, H, W) bool: the pixels inside each half-open box ``(y0, x0, y1, x1)``."""
+    b = torch.from_numpy(box).to(device)
+    ys = torch.arange(hw[0], device=device)
+    xs = torch.arange(hw[1], device=device)
+    in_y = (ys >= b[:, 0:1]) & (ys < b[:, 2:3])
+    in_x = (xs >= b[:, 1:2]) & (xs < b[:, 3:4])
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
+
+
+def _groups(rows: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+    """Each entry's group within its image: first fit in entry order into a group whose boxes are
+    all disjoint from its own (without boxes, the entry's rank within its image)."""
+    group = np.empty(len(rows), dtype=np.int64)
+    for image in np.unique(rows):
+        at = np.flatnonzero(rows == image)
+        if boxes is None:
+            group[at] = np.arange(len(at))
+            continue
+        b = boxes[at]
+        overlap = (
+            (b[:, None, 0] < b[None, :, 2])
+            & (b[None, :, 0] < b[:, None, 2])
+            & (b[:, None, 1] < b[None, :, 3])
+            & (b[None, :, 1] < b[:, None, 3])
+        )
+        mine = np.empty(len(at), dtype=np.int64)
+        for j in range(len(at)):
+            taken = np.zeros(j + 1, dtype=bool)
+            taken[mine[:j][overlap[j, :j]]] = True
+            mine[j] = int(np.argmin(taken))  # the first group with no overlapping box
+        group[at] = mine
+    return group
+
+
+def _pack(
+    rows: np.ndarray, boxes: np.ndarray | None = None, max_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deal entries into (copy, round): each copy holds one image, each round one group per copy
+    (`_groups`: entries with pairwise disjoint boxes; one entry without boxes).
+
+    The rounds r minimize the rows run times (1 + r): the copies, or with ``max_rows`` the rows
+    of the forwards as ``project`` pads them (chunks of ``max_rows``, the last one padded to a
+    multiple of ``BATCH_MULTIPLE``), so that fewer copies count only where they save rows.
 
     Returns:
         copy_of (M,), round_of (M,): copies numbered image by image (an image's copies adjacent).
     """
-    order = np.argsort(rows, kind="stable")
-    first = np.searchsorted(rows[order], rows[order], side="left")
-    rank = np.empty_like(rows)
-    rank[order] = np.arange(len(rows)) - first  # 0 for an image's first entry, 1, 2, ...
-    counts = np.bincount(rows)
-    counts = counts[counts > 0]
-    # copies * (1 + r): a forward of each copy plus r backward rounds over it
+    rank = _groups(rows, boxes)  # 0 for an image's first group, 1, 2, ...
+    _, image_of = np.unique(rows, return_inverse=True)
+    counts = np.zeros(int(image_of.max()) + 1, dtype=np.int64)  # groups per image
+    np.maximum.at(counts, image_of, rank + 1)
+
+    def run(copies: int) -> int:
+        if max_rows is None:
+            return copies
+        full, rest = divmod(copies, max_rows)
+        return full * max_rows + -(-rest // BATCH_MULTIPLE) * BATCH_MULTIPLE
+
+    # rows * (1 + r): a forward of each copy plus r backward rounds over it
     best = min(
         range(1, int(counts.max()) + 1),
-        key=lambda r: (int(np.sum(-(-counts // r))) * (1 + r), r),
+        key=lambda r: (run(int(np.sum(-(-counts // r)))) * (1 + r), r),
     )
-    _, image_of = np.unique(rows, return_inverse=True)
     copies = -(-counts // best)
     start = np.concatenate([[0], np.cumsum(copies)[:-1]])
     copy_of = start[image_of] + rank // best
@@ -476,7 +590,7 @@ def cut_projections(maps: torch.Tensor, box: np.ndarray, patch_size: int) -> np.
 
     Args:
         maps: (M, 3, S, S) float projections over the whole input.
-        box: (M, 4) int y0, x0, y1, x1 half-open boxes (``receptive.boxes``), all of one size.
+        box: (M, 4) int y0, x0, y1, x1 half-open boxes (``geometry.boxes``), all of one size.
         patch_size: P; larger boxes are resampled to P x P as the patches are.
 
     Returns:

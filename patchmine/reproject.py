@@ -48,8 +48,8 @@ def _weights_arg(name: str, recorded: str) -> str | None:
 
 def _read(r: store.Result) -> tuple[dict, list]:
     """The run settings and the layers' winners (as second-pass plans) of an open result."""
+    from patchmine.geometry import Field
     from patchmine.patches import LayerPlan
-    from patchmine.receptive import Field
 
     a = r.attrs
     need = ["model", "weights", "input_size", "mean", "std", "layer_order", "corpus_roots"]
@@ -122,8 +122,10 @@ def project(
     """
     import torch
 
+    from patchmine.contents import projection_attrs
     from patchmine.corpus import Corpus
-    from patchmine.mine import _default_workers, _StopFlag, projection_attrs
+    from patchmine.interrupts import StopFlag
+    from patchmine.mine import _default_workers
     from patchmine.models import load_model
     from patchmine.patches import ScoreMismatch, second_pass
     from patchmine.projections import Projector, check_method
@@ -180,7 +182,7 @@ def project(
     fill = tuple(int(round(m * 255)) for m in lm.mean)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".scratch", dir=path.parent))
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             try:
                 cut = second_pass(
                     tap,

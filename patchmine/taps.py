@@ -27,7 +27,7 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from patchmine.errors import UnknownNameError, UsageError, nearest
-from patchmine.receptive import Field
+from patchmine.geometry import Field
 
 if TYPE_CHECKING:
     from patchmine.tokens import View

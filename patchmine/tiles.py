@@ -14,7 +14,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from patchmine import receptive
+from patchmine import geometry
 from patchmine.pictures import (
     EMPTY,
     Channel,
@@ -100,7 +100,7 @@ def token_crops(ch: Channel, result, side: int) -> list[Image.Image]:
         full, _ = load_original(result, i, side=max(h, w, 1))
         tr = result.image_transform[i]
         if full is not None and tr[0] > 0:
-            oy0, ox0, oy1, ox1 = receptive.to_original(box, tr, np.float64)
+            oy0, ox0, oy1, ox1 = geometry.to_original(box, tr, np.float64)
             f = full.width / w if w else 1.0
             crop = full.crop(tuple(round(v * f) for v in (ox0, oy0, ox1, oy1)))
         else:  # the stored patch is the whole input resampled to P

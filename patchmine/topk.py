@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from patchmine.geometry import _pair
 from patchmine.maps import Maps, map_max
-from patchmine.receptive import _pair
 
 __all__ = ["TopK", "entry_key"]
 
@@ -79,9 +79,16 @@ class TopK:
         torch.Size([64, 9])
     """
 
-    def __init__(self, channels: int, k: int, per_image: int = 1,
-                 fmap_hw: tuple[int, int] = (1, 1), rf_size: tuple[int, int] = (1, 1),
-                 rf_stride: tuple[int, int] = (1, 1), device="cpu"):
+    def __init__(
+        self,
+        channels: int,
+        k: int,
+        per_image: int = 1,
+        fmap_hw: tuple[int, int] = (1, 1),
+        rf_size: tuple[int, int] = (1, 1),
+        rf_stride: tuple[int, int] = (1, 1),
+        device="cpu",
+    ):
         for name, v in (("channels", channels), ("k", k), ("per_image", per_image)):
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -102,9 +109,14 @@ class TopK:
 
     # ------------------------------------------------------------------ config and helpers
     def _config(self) -> dict:
-        return {"channels": self.channels, "k": self.k, "per_image": self.per_image,
-                "fmap_hw": list(self.fmap_hw), "rf_size": list(self.rf_size),
-                "rf_stride": list(self.rf_stride)}
+        return {
+            "channels": self.channels,
+            "k": self.k,
+            "per_image": self.per_image,
+            "fmap_hw": list(self.fmap_hw),
+            "rf_size": list(self.rf_size),
+            "rf_stride": list(self.rf_stride),
+        }
 
     def _check_same(self, other_cfg: dict, what: str) -> None:
         names = ["channels", "k", "per_image", "fmap_hw"]
@@ -115,8 +127,11 @@ class TopK:
         def norm(v):
             return [int(a) for a in v] if isinstance(v, (list, tuple)) else v
 
-        diff = [f"{n} {mine[n]} here vs {norm(other_cfg.get(n))} in {what}"
-                for n in names if norm(other_cfg.get(n)) != mine[n]]
+        diff = [
+            f"{n} {mine[n]} here vs {norm(other_cfg.get(n))} in {what}"
+            for n in names
+            if norm(other_cfg.get(n)) != mine[n]
+        ]
         if diff:
             raise ValueError("cannot combine TopK states that differ: " + "; ".join(diff))
 
@@ -151,9 +166,7 @@ class TopK:
         return (3 * inter > 2 * ry * rx).to(self.device)
 
     # ------------------------------------------------------------------ hot path
-    def add(
-        self, acts: torch.Tensor, image_index: torch.Tensor, maps: Maps | None = None
-    ) -> None:
+    def add(self, acts: torch.Tensor, image_index: torch.Tensor, maps: Maps | None = None) -> None:
         """Offer a batch of activations.
 
         Args:
@@ -170,16 +183,22 @@ class TopK:
             raise ValueError(f"acts must be (N, C, H, W) or (N, C), got shape {tuple(acts.shape)}")
         N, C, H, W = acts.shape
         if C != self.channels or (H, W) != self.fmap_hw:
-            raise ValueError(f"acts of shape {tuple(acts.shape)} do not match this TopK "
-                             f"(channels={self.channels}, fmap_hw={self.fmap_hw})")
+            raise ValueError(
+                f"acts of shape {tuple(acts.shape)} do not match this TopK "
+                f"(channels={self.channels}, fmap_hw={self.fmap_hw})"
+            )
         if image_index.shape != (N,) or image_index.dtype.is_floating_point:
-            raise ValueError(f"image_index must be an integer tensor of shape ({N},), "
-                             f"got {image_index.dtype} {tuple(image_index.shape)}")
+            raise ValueError(
+                f"image_index must be an integer tensor of shape ({N},), "
+                f"got {image_index.dtype} {tuple(image_index.shape)}"
+            )
         if N == 0:
             return
         if acts.device != self.device:
-            raise ValueError(f"acts are on {acts.device} but this TopK lives on {self.device}; "
-                             "call .to(device) first")
+            raise ValueError(
+                f"acts are on {acts.device} but this TopK lives on {self.device}; "
+                "call .to(device) first"
+            )
         L = H * W
         x = acts.reshape(N * C, L)
         img_l = image_index.to(self.device, torch.int64) * L  # (N,) key of location 0
@@ -190,8 +209,9 @@ class TopK:
         if self._npending >= (4 * self._flush_at if self._sync_free else self._flush_at):
             self._flush()
 
-    def _add_filtered(self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor,
-                      N: int, maps: Maps | None) -> None:
+    def _add_filtered(
+        self, given: torch.Tensor, x: torch.Tensor, img_l: torch.Tensor, N: int, maps: Maps | None
+    ) -> None:
         """CPU path: drop maps whose max cannot enter, then locate the survivors' entries."""
         C = self.channels
         if maps is not None:
@@ -266,8 +286,7 @@ class TopK:
         score = torch.stack(scores, 1).float()  # (S, P)
         loc = torch.stack(locs, 1)
         P = self.per_image
-        self._push(chan.repeat_interleave(P), score.reshape(-1),
-                   (base[:, None] + loc).reshape(-1))
+        self._push(chan.repeat_interleave(P), score.reshape(-1), (base[:, None] + loc).reshape(-1))
 
     def _push(self, chan: torch.Tensor, score: torch.Tensor, key: torch.Tensor) -> None:
         """Buffer flat candidate entries; -inf scores become unused slots."""
@@ -310,8 +329,9 @@ class TopK:
             raise TypeError(f"can only merge a TopK, got {type(other).__name__}")
         self._check_same(other._config(), "the other TopK")
         other._flush()
-        self._pending.append((self._const("chan_state"), other._score.to(self.device),
-                              other._key.to(self.device)))
+        self._pending.append(
+            (self._const("chan_state"), other._score.to(self.device), other._key.to(self.device))
+        )
         self._npending += other._score.numel()
         self._flush()
 
@@ -349,8 +369,9 @@ class TopK:
             ValueError: on an unknown version or a config that differs from this collector's.
         """
         if sd.get("version") != _VERSION:
-            raise ValueError(f"TopK state version {sd.get('version')!r} is not supported "
-                             f"(expected {_VERSION})")
+            raise ValueError(
+                f"TopK state version {sd.get('version')!r} is not supported (expected {_VERSION})"
+            )
         self._check_same(sd, "the state dict")
         C, k = self.channels, self.k
         score = torch.as_tensor(sd["score"], dtype=torch.float32).reshape(C, k)
@@ -365,15 +386,31 @@ class TopK:
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu") -> TopK:
         """Build a collector from `state_dict` output."""
-        tk = cls(sd["channels"], sd["k"], sd["per_image"], tuple(sd["fmap_hw"]),
-                 tuple(sd["rf_size"]), tuple(sd["rf_stride"]), device=device)
+        tk = cls(
+            sd["channels"],
+            sd["k"],
+            sd["per_image"],
+            tuple(sd["fmap_hw"]),
+            tuple(sd["rf_size"]),
+            tuple(sd["rf_stride"]),
+            device=device,
+        )
         tk.load_state_dict(sd)
         return tk
 
     @classmethod
-    def from_result(cls, score, image, yx, *, per_image: int = 1,
-                    fmap_hw: tuple[int, int] = (1, 1), rf_size: tuple[int, int] = (1, 1),
-                    rf_stride: tuple[int, int] = (1, 1), device="cpu") -> TopK:
+    def from_result(
+        cls,
+        score,
+        image,
+        yx,
+        *,
+        per_image: int = 1,
+        fmap_hw: tuple[int, int] = (1, 1),
+        rf_size: tuple[int, int] = (1, 1),
+        rf_stride: tuple[int, int] = (1, 1),
+        device="cpu",
+    ) -> TopK:
         """A collector that holds a stored result (a file's score / image / yx, as `result` gives).
 
         Args:
@@ -384,8 +421,15 @@ class TopK:
         score = torch.as_tensor(score)
         C, k = score.shape
         tk = cls(C, k, per_image, fmap_hw, rf_size, rf_stride, device=device)
-        tk.load_state_dict({**tk._config(), "version": _VERSION, "score": score,
-                            "image": torch.as_tensor(image), "yx": torch.as_tensor(yx)})
+        tk.load_state_dict(
+            {
+                **tk._config(),
+                "version": _VERSION,
+                "score": score,
+                "image": torch.as_tensor(image),
+                "yx": torch.as_tensor(yx),
+            }
+        )
         return tk
 
     def to(self, device) -> TopK:
@@ -399,5 +443,7 @@ class TopK:
         return self
 
     def __repr__(self) -> str:
-        return (f"TopK(channels={self.channels}, k={self.k}, per_image={self.per_image}, "
-                f"fmap_hw={self.fmap_hw})")
+        return (
+            f"TopK(channels={self.channels}, k={self.k}, per_image={self.per_image}, "
+            f"fmap_hw={self.fmap_hw})"
+        )

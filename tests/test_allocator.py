@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,12 +10,11 @@ import h5py
 import pytest
 
 from patchmine import allocator
-from tests.conftest import assert_same_file, h5_datasets, write_corpus
+from tests.conftest import assert_same_file, cli_env, h5_datasets, run_cli, write_corpus
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != allocator.ENV}
-    return {**env, "PYTHONPATH": os.getcwd(), **extra}
+    return cli_env(unset=[allocator.ENV], **extra)
 
 
 def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -91,45 +89,23 @@ def test_cli_results_identical_with_and_without(tmp_path, tiny_model):
         out = tmp_path / f"{name}.h5"
         args = [str(corpus), "--out", str(out), "--model", tiny_model, "--weights", "none"]
         args += ["--input-size", "256", "-b", "16", "-k", "4", "--workers", "1", "--quiet"]
-        p = subprocess.run(
-            [sys.executable, "-m", "patchmine", "mine", *args],
-            env=_env(**env),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        p = run_cli("mine", *args, env=_env(**env), timeout=300)
         assert p.returncode == 0, p.stderr
         files[name] = out
-    a, b = h5_datasets(files["tuned"]), h5_datasets(files["default"])
-    assert sorted(a) == sorted(b) and len(a) > 20
-    for key in a:  # bit for bit (NaN slots too); strings as strings
-        x, y = a[key], b[key]
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert (x.tolist() == y.tolist()) if x.dtype == object else x.tobytes() == y.tobytes(), key
-    assert_same_file(files["tuned"], files["default"])  # and the attributes
+    assert len(h5_datasets(files["tuned"])) > 20
+    # every dataset bit for bit (NaN slots too), strings as strings, and the attributes
+    assert_same_file(files["tuned"], files["default"], bytewise=True)
     with h5py.File(files["tuned"]) as f, h5py.File(files["default"]) as g:
         tuned = f.attrs["allocator"]
         assert g.attrs["allocator"] == "default"
-    info = subprocess.run(
-        [sys.executable, "-m", "patchmine", "info", str(files["tuned"])],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    info = run_cli("info", files["tuned"], env=_env(), timeout=120)
     assert f"allocator  {tuned}" in info.stdout
     if allocator._glibc_mallopt() is not None:
         assert tuned.startswith("glibc mallopt")
 
 
 def test_bad_setting_is_one_line_and_exit_2(tmp_path):
-    p = subprocess.run(
-        [sys.executable, "-m", "patchmine", "info", str(tmp_path / "x.h5")],
-        env=_env(**{allocator.ENV: "mmap_max"}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run_cli("info", tmp_path / "x.h5", env=_env(**{allocator.ENV: "mmap_max"}), timeout=120)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and allocator.ENV in p.stderr
 

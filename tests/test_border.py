@@ -3,9 +3,6 @@ every layer's `border_share`."""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 
@@ -15,7 +12,7 @@ from patchmine.errors import UsageError
 from patchmine.merge import merge
 from patchmine.mine import mine
 from patchmine.receptive import Field, inside_fraction
-from tests.conftest import assert_same_file
+from tests.conftest import assert_same_file, assert_winners, signal_at, tiny_settings
 from tests.test_mine import brute_force, inside_by_pixels
 
 LAYERS = ["pool", "add", "head"]
@@ -23,19 +20,8 @@ SIZE, K, F = 64, 4, 0.6
 
 
 def _settings(model: str, **change) -> dict:
-    base = dict(
-        model=model,
-        weights="none",
-        layers=LAYERS,
-        k=K,
-        per_image=1,
-        input_size=SIZE,
-        batch_size=4,
-        workers=0,
-        progress=False,
-        min_inside=F,
-    )
-    return {**base, **change}
+    base = {"layers": LAYERS, "k": K, "input_size": SIZE, "min_inside": F}
+    return tiny_settings(model, **{**base, **change})
 
 
 def _border_share(lr) -> float:
@@ -75,10 +61,8 @@ def test_min_inside_matches_brute_force(tmp_path, corpus_dir, tiny_model, per_im
         for n in LAYERS:
             lr = r.layer(n)
             score, image, yx, a = ref[n]
-            assert np.array_equal(lr.score, score, equal_nan=True), n
-            assert np.array_equal(lr.image, image), n
+            assert_winners(lr, score, image, yx, n)
             used = image >= 0
-            assert np.array_equal(lr.yx[used], yx[used]), n
             frac = inside_by_pixels(fields[n], a.shape[2:], SIZE)
             assert (frac[yx[used][:, 0], yx[used][:, 1]] >= F).all(), n
             changed += not np.array_equal(image, plain[n][1])
@@ -126,27 +110,16 @@ def test_min_inside_torchrun_two_ranks_equal_one_process(tmp_path, corpus_dir, t
     assert_same_file(ref, out)
 
 
-def test_min_inside_resume(tmp_path, corpus_dir, tiny_model):
+def test_min_inside_resume(tmp_path, corpus_dir, tiny_model, monkeypatch):
     ref = tmp_path / "ref.h5"
     mine([corpus_dir], ref, **_settings(tiny_model, batch_size=2))
-    import patchmine.mine as m
-
-    calls = {"n": 0}
-    real = m.Miner.collect
-
-    def interrupt(self, *a):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a)
+    import patchmine.miner as m
 
     out = tmp_path / "run.h5"
-    m.Miner.collect = interrupt
-    try:
+    with monkeypatch.context() as mp:
+        signal_at(mp, m.Miner, "collect", call=3)
         with pytest.raises(KeyboardInterrupt):
             mine([corpus_dir], out, **_settings(tiny_model, batch_size=2))
-    finally:
-        m.Miner.collect = real
     assert (tmp_path / "run.h5.ckpt").exists() and not out.exists()
     for other in (0.5, None):
         with pytest.raises(UsageError, match="min_inside"):

@@ -71,37 +71,11 @@ def test_model_without_rgb_conv_is_refused(tmp_path):
 def test_filters_cli(tmp_path, capsys):
     from patchmine.cli import main
 
-    assert (
-        main(
-            [
-                "filters",
-                "alexnet",
-                "--weights",
-                "none",
-                "--out",
-                str(tmp_path / "f.png"),
-                "--scale",
-                "2",
-                "--norm",
-                "symmetric",
-            ]
-        )
-        == 0
-    )
+    base = ["filters", "alexnet", "--weights", "none"]
+    out = tmp_path / "f.png"
+    assert main([*base, "--out", str(out), "--scale", "2", "--norm", "symmetric"]) == 0
     assert Image.open(tmp_path / "f.png").size == (8 * 22 + 7, 8 * 22 + 7)
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "filters",
-                "alexnet",
-                "--weights",
-                "none",
-                "--out",
-                str(tmp_path / "missing" / "f.png"),
-            ]
-        )
-        == 2
-    )
+    assert main([*base, "--out", str(tmp_path / "missing" / "f.png")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err

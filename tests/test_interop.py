@@ -23,7 +23,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import patchmine
 from patchmine.lite0 import MEAN, STD, efficientnet_lite0
 from patchmine.mine import mine
-from tests.conftest import SHARED_CORPUS, write_corpus
+from tests.conftest import SHARED_CORPUS, tiny_settings, write_corpus
 
 LAYERS = ["_blocks.10.add", "_fc"]
 
@@ -109,17 +109,7 @@ def test_result_file_reads_in_hdf5_tools(tmp_path, tiny_model):
     out = tmp_path / "r.h5"
     corpus = write_corpus(tmp_path / "corpus", 6)
     (corpus / "broken.png").write_bytes(b"not an image")  # /images/ok holds a False
-    mine(
-        [corpus],
-        out,
-        model=tiny_model,
-        weights="none",
-        layers=["pool", "head"],
-        k=3,
-        input_size=64,
-        workers=0,
-        progress=False,
-    )
+    mine([corpus], out, **tiny_settings(tiny_model, layers=["pool", "head"], k=3))
     datasets, attrs = _objects(out)
     with h5py.File(out, "r") as f:  # the forms that HDF5 1.10 once failed to decode are there
         assert f["images/ok"].dtype == bool and not f["images/ok"][()].all()
@@ -139,8 +129,14 @@ def test_result_file_reads_in_hdf5_tools(tmp_path, tiny_model):
     assert dump.stdout.count('DATASET "') == len(datasets)
     assert dump.stdout.count('ATTRIBUTE "') == len(attrs)
     # each dataset and attribute by its own path too (what a user's script does)
-    for name in ["/images/ok", "/images/transform", "/layers/pool/heat", "/layers/pool/patch",
-                 "/thumbs/patch", "/layers/head/patch_ref"]:
+    for name in [
+        "/images/ok",
+        "/images/transform",
+        "/layers/pool/heat",
+        "/layers/pool/patch",
+        "/thumbs/patch",
+        "/layers/head/patch_ref",
+    ]:
         one = subprocess.run(["h5dump", "-d", name, str(out)], capture_output=True, text=True)
         assert one.returncode == 0 and "DATA {" in one.stdout, (name, one.stderr)
     one = subprocess.run(

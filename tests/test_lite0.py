@@ -16,8 +16,9 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from patchmine import lite0
 from patchmine.lite0 import MEAN, STAGE_NODES, STD, efficientnet_lite0, weights_path
+from tests.conftest import SHARED_CORPUS
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/imagenet-sample-500"
+CORPUS = SHARED_CORPUS  # the shared photos (PATCHMINE_SHARED_CORPUS points elsewhere)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ def check_values(m, acts, sample):
     ok = ~np.isnan(x)
     want_max = np.where(ok, x, -np.inf).max(1).astype(np.float32)
     np.testing.assert_array_equal(m.max.reshape(-1).numpy(), want_max)
+    if m.min is not None:
+        want_min = np.where(ok, x, np.inf).min(1).astype(np.float32)
+        np.testing.assert_array_equal(m.min.reshape(-1).numpy(), want_min)
     np.testing.assert_array_equal(m.count.reshape(-1).numpy(), count)
     scale = np.sqrt(np.where(ok, x.astype(np.float64) ** 2, 0).sum(1) / np.maximum(count, 1))
     np.testing.assert_allclose(m.mean.reshape(-1).numpy(), mean, rtol=0, atol=1e-6 * scale.max())
@@ -60,15 +63,33 @@ def test_maps_match_numpy_and_are_independent_of_batch_and_threads(shape, layout
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = reduce_maps(acts, sample=4)
-        halves = [reduce_maps(part, sample=4) for part in acts.split(max(1, len(acts) // 2))]
-        one = reduce_maps(acts[-1:, -1:], sample=4)  # the last map alone
+        got = reduce_maps(acts, sample=4, minimum=True)
+        halves = [
+            reduce_maps(part, sample=4, minimum=True) for part in acts.split(max(1, len(acts) // 2))
+        ]
+        one = reduce_maps(acts[-1:, -1:], sample=4, minimum=True)  # the last map alone
     finally:
         torch.set_num_threads(before)
     check_values(got, acts, 4)
-    for name in ("max", "count", "mean", "m2", "grid"):
+    for name in ("max", "min", "count", "mean", "m2", "grid"):
         assert torch.equal(torch.cat([getattr(h, name) for h in halves]), getattr(got, name))
         assert torch.equal(getattr(one, name)[0, 0], getattr(got, name)[-1, -1]), name
+
+
+def test_chunks_do_not_change_a_map(monkeypatch):
+    """Maps are reduced in chunks of rows: a map's numbers do not depend on where a chunk ends."""
+    import patchmine.maps as maps
+
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randn(6, 7, 9, 11, generator=g) * 4 + 2
+    acts[2, 3, 4, 5] = float("nan")
+    want = reduce_maps(acts, sample=4, minimum=True)
+    for chunk in (1, 99, 3 * 99, 1000):  # a row per chunk, three, rows split unevenly
+        monkeypatch.setattr(maps, "_CHUNK", chunk)
+        got = reduce_maps(acts, sample=4, minimum=True)
+        for name in ("max", "min", "count", "mean", "m2", "grid"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (chunk, name)
+    check_values(want, acts, 4)
 
 
 def test_m2_has_no_cancellation():
@@ -88,7 +109,8 @@ def test_nan_infinities_and_low_precision_inputs():
     acts[2, 0, 0, 0] = -float("nan")  # a NaN with the sign bit set
     acts[2, 1] = float("nan")  # a map without a value
     acts[0, 3, 0, 0] = float("inf")
-    m = reduce_maps(acts, sample=4)
+    m = reduce_maps(acts, sample=4, minimum=True)
+    assert m.min[2, 1] == float("inf") and m.min[1, 2] == acts[1, 2].nan_to_num(9).min()
     assert m.nan and m.max[1, 2] == acts[1, 2].nan_to_num(-1).max()
     assert m.count[1, 2] == 35 and m.count[2, 0] == 35 and m.count[2, 1] == 0
     assert m.max[2, 1] == -float("inf") and m.mean[2, 1] == 0 and m.m2[2, 1] == 0
@@ -98,7 +120,7 @@ def test_nan_infinities_and_low_precision_inputs():
     check_values(reduce_maps(finite, sample=4), finite, 4)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         low = finite.to(dtype)
-        got = reduce_maps(low, sample=0)
+        got = reduce_maps(low, sample=0, minimum=True)
         assert got.max.dtype == torch.float32 and got.mean.dtype == torch.float64
         check_values(got, low, 0)
 

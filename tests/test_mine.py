@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +16,15 @@ from patchmine.mine import mine
 from patchmine.models import load_model
 from patchmine.receptive import receptive_fields
 from patchmine.taps import Tap
-from tests.conftest import assert_same_file, write_corpus
+from tests.conftest import (
+    assert_same_file,
+    assert_winners,
+    popen_cli,
+    run_cli,
+    signal_at,
+    tiny_settings,
+    write_corpus,
+)
 
 LITE0_LAYERS = ["_blocks.2.add", "_blocks.7.add", "_fc"]
 CASES = {
@@ -164,10 +169,8 @@ def test_matches_brute_force_and_is_invariant(tmp_path, corpus_dir, tiny_model, 
         for n in layers:
             lr = r.layer(n)
             score, image, yx, a = ref[n]
-            assert np.array_equal(lr.score, score, equal_nan=True), n
-            assert np.array_equal(lr.image, image), n
+            assert_winners(lr, score, image, yx, n)
             used = image >= 0
-            assert np.array_equal(lr.yx[used], yx[used]), n
             want = [_box(fields[n], y, x, size) for y, x in yx[used].tolist()]
             assert lr.box[used].tolist() == [list(b) for b in want], n
             st = lr.stats()
@@ -179,16 +182,8 @@ def test_matches_brute_force_and_is_invariant(tmp_path, corpus_dir, tiny_model, 
 
 def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
     out = tmp_path / "r.h5"
-    s = mine(
-        [corpus_dir],
-        out,
-        model=tiny_model,
-        weights="none",
-        layers=["pool", "head"],
-        k=3,
-        input_size=64,
-        progress=False,
-    )
+    settings = tiny_settings(tiny_model, layers=["pool", "head"], k=3, workers=None)
+    s = mine([corpus_dir], out, **settings)
     assert s.n_images == len(discover([corpus_dir])) and s.n_failed == 0
     with patchmine.open(out) as r:
         a = r.attrs
@@ -210,7 +205,9 @@ def test_file_layout_and_api(tmp_path, corpus_dir, tiny_model):
         ]:
             assert key in a, key
         assert a["format"] == "patchmine" and a["version"] == 2
-        assert a["resize"] == 64  # default: the input size (torchvision's Resize(S) + CenterCrop(S))
+        assert (
+            a["resize"] == 64
+        )  # default: the input size (torchvision's Resize(S) + CenterCrop(S))
         pool, head = r.layer("pool"), r.layer("head")
         assert pool.attrs["rf_size"] == [9, 9] and pool.attrs["rf_stride"] == [4, 4]
         assert pool.patches(0).shape == (3, 9, 9, 3)
@@ -265,17 +262,6 @@ def test_patches_are_faithful(tmp_path, corpus_dir, tiny_model):
     assert checked > 20
 
 
-def _run_cli(args, **kw):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen(
-        [sys.executable, "-m", "patchmine", "mine", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **kw,
-    )
-
-
 def test_sigkill_then_resume_gives_the_same_file(tmp_path, tiny_model):
     corpus = write_corpus(tmp_path / "c", 160, seed=3)
     common = [
@@ -296,11 +282,11 @@ def test_sigkill_then_resume_gives_the_same_file(tmp_path, tiny_model):
         "-q",
     ]
     ref = tmp_path / "ref.h5"
-    p = _run_cli([str(corpus), "--out", str(ref), *common])
-    assert p.wait() == 0, p.stderr.read()
+    p = run_cli("mine", corpus, "--out", ref, *common)
+    assert p.returncode == 0, p.stderr
     out = tmp_path / "run.h5"
     ckpt = tmp_path / "run.h5.ckpt"
-    p = _run_cli([str(corpus), "--out", str(out), "--checkpoint-every", "3", *common])
+    p = popen_cli("mine", corpus, "--out", out, "--checkpoint-every", "3", *common)
     deadline = time.time() + 120
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -312,55 +298,28 @@ def test_sigkill_then_resume_gives_the_same_file(tmp_path, tiny_model):
     cursor = torch.load(ckpt, weights_only=False)["cursor"]
     assert 0 < cursor < 161
     # the same command without --resume refuses to clobber the checkpoint
-    q = _run_cli([str(corpus), "--out", str(out), *common])
-    assert q.wait() == 2 and b"--resume" in q.stderr.read()
-    r = _run_cli([str(corpus), "--out", str(out), "--resume", *common])
-    assert r.wait() == 0, r.stderr.read()
+    q = run_cli("mine", corpus, "--out", out, *common)
+    assert q.returncode == 2 and "--resume" in q.stderr
+    r = run_cli("mine", corpus, "--out", out, "--resume", *common)
+    assert r.returncode == 0, r.stderr
     assert not ckpt.exists()
     assert_same_file(ref, out)
 
 
-def test_resume_refuses_changed_settings(tmp_path, corpus_dir, tiny_model):
+def test_resume_refuses_changed_settings(tmp_path, corpus_dir, tiny_model, monkeypatch):
     out = tmp_path / "x.h5"
-    mine(
-        [corpus_dir],
-        out,
-        model=tiny_model,
-        weights="none",
-        layers=["pool"],
-        k=3,
-        input_size=64,
-        progress=False,
+    base = dict(
+        model=tiny_model, weights="none", layers=["pool"], k=3, input_size=64, progress=False
     )
+    mine([corpus_dir], out, **base)
     ckpt = tmp_path / "y.h5.ckpt"
     # make a checkpoint by interrupting a run right at its first batch
-    import patchmine.mine as m
+    import patchmine.miner as m
 
-    calls = {"n": 0}
-    real = m.TopK.add
-
-    def interrupt(self, *a):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a)
-
-    m.TopK.add = interrupt
-    try:
+    with monkeypatch.context() as mp:
+        signal_at(mp, m.TopK, "add", call=2)
         with pytest.raises(KeyboardInterrupt):
-            mine(
-                [corpus_dir],
-                tmp_path / "y.h5",
-                model=tiny_model,
-                weights="none",
-                layers=["pool"],
-                k=3,
-                input_size=64,
-                batch_size=2,
-                progress=False,
-            )
-    finally:
-        m.TopK.add = real
+            mine([corpus_dir], tmp_path / "y.h5", batch_size=2, **base)
     assert ckpt.exists() and not (tmp_path / "y.h5").exists()
     for change, match in [
         ({"k": 4}, "k: checkpoint 3, now 4"),
@@ -368,40 +327,11 @@ def test_resume_refuses_changed_settings(tmp_path, corpus_dir, tiny_model):
         ({"per_image": 2}, "per_image"),
         ({"resize": 80}, "resize: checkpoint 64, now 80"),
     ]:
-        args = {
-            "model": tiny_model,
-            "weights": "none",
-            "layers": ["pool"],
-            "k": 3,
-            "input_size": 64,
-            **change,
-        }
         with pytest.raises(UsageError, match=match):
-            mine([corpus_dir], tmp_path / "y.h5", resume=True, progress=False, **args)
+            mine([corpus_dir], tmp_path / "y.h5", resume=True, **{**base, **change})
     with pytest.raises(UsageError, match="corpus"):
-        mine(
-            [corpus_dir / "img_000.jpg"],
-            tmp_path / "y.h5",
-            resume=True,
-            progress=False,
-            model=tiny_model,
-            weights="none",
-            layers=["pool"],
-            k=3,
-            input_size=64,
-        )
-    s = mine(
-        [corpus_dir],
-        tmp_path / "y.h5",
-        resume=True,
-        progress=False,
-        model=tiny_model,
-        weights="none",
-        layers=["pool"],
-        k=3,
-        input_size=64,
-        batch_size=2,
-    )
+        mine([corpus_dir / "img_000.jpg"], tmp_path / "y.h5", resume=True, **base)
+    s = mine([corpus_dir], tmp_path / "y.h5", resume=True, batch_size=2, **base)
     assert s.resumed_from > 0
     with patchmine.open(out) as a, patchmine.open(tmp_path / "y.h5") as b:
         assert np.array_equal(a.layer("pool").score, b.layer("pool").score, equal_nan=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from patchmine.errors import UsageError
 from patchmine.merge import merge
 from patchmine.mine import mine
 from patchmine.pipeline import load_pipeline
-from tests.conftest import SHARED_CORPUS, assert_same_file, write_corpus
+from tests.conftest import (
+    SHARED_CORPUS,
+    assert_same_file,
+    assert_winners,
+    signal_at,
+    tiny_settings,
+    write_corpus,
+)
 from tests.test_mine import brute_force
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +48,8 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def settings(model: str, per_image: int = 1, **change) -> dict:
-    return {
-        "model": model,
-        "weights": "none",
-        "layers": LAYERS,
-        "k": 4,
-        "per_image": per_image,
-        "input_size": 64,
-        "batch_size": 5,
-        "workers": 0,
-        "progress": False,
-        "labels": "folder",
-        "bottom_k": True,
-        **change,
-    }
+    base = {"layers": LAYERS, "batch_size": 5, "labels": "folder", "bottom_k": True}
+    return tiny_settings(model, per_image=per_image, **{**base, **change})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def test_labels_class_means_and_bottom_k_equal_brute_force(
 ):
     out = single(per_image)
     other = tmp_path / "b2w2.h5"  # another batching and worker count: the same file
-    monkeypatch.setattr("patchmine.mine._CLASS_BATCH", 3)  # maxima added every 2 batches
+    monkeypatch.setattr("patchmine.miner._CLASS_BATCH", 3)  # maxima added every 2 batches
     mine([labelled], other, **settings(tiny_model, per_image, batch_size=2, workers=2))
     assert_same_file(out, other)
     top, fields = brute_force(tiny_model, LAYERS, 64, labelled, 4, per_image)
@@ -101,14 +95,11 @@ def test_labels_class_means_and_bottom_k_equal_brute_force(
         for n in LAYERS:
             lr = r.layer(n)
             score, image, yx, a = top[n]
-            assert np.array_equal(lr.score, score, equal_nan=True), n
+            assert_winners(lr, score, image, yx, n)
             b_score, b_image, b_yx, _ = bottom[n]
             b = lr.bottom
             assert b is not None and b.k == 4
-            assert np.array_equal(b.score, b_score, equal_nan=True), n
-            assert np.array_equal(b.image, b_image), n
-            used = b_image >= 0
-            assert np.array_equal(b.yx[used], b_yx[used]), n
+            assert_winners(b, b_score, b_image, b_yx, n)
             assert (np.diff(b.score, axis=1) >= 0).all(), n  # ascending
             for c in range(lr.channels):  # heat maps of the bottom entries: their images' maps
                 for slot in range(4):
@@ -165,23 +156,12 @@ def test_shards_merged_resumed_equal_one_run(tmp_path, labelled, tiny_model, sin
 
 def _interrupted(tmp_path, corpus, model, out) -> Path:
     """A checkpoint of ``out``'s run, stopped by SIGINT during its second batch."""
-    import patchmine.mine as m
+    import patchmine.miner as m
 
-    calls = {"n": 0}
-    real = m.TopK.add
-
-    def interrupt(self, *a):
-        calls["n"] += 1
-        if calls["n"] == len(LAYERS) + 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a)
-
-    m.TopK.add = interrupt
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        signal_at(mp, m.TopK, "add", call=len(LAYERS) + 1)
         with pytest.raises(KeyboardInterrupt):
             mine([corpus], out, **settings(model, batch_size=3))
-    finally:
-        m.TopK.add = real
     ckpt = out.with_name(out.name + ".ckpt")
     assert ckpt.exists() and not out.exists()
     return ckpt
@@ -360,7 +340,7 @@ def test_image_max_leaves_nan_out_on_either_path():
     """The per-image maxima the class means take: from `reduce_maps` (CPU) and without it (the
     device path) alike; NaN values left out, a map of NaN only gives NaN, infinities kept."""
     from patchmine.maps import reduce_maps
-    from patchmine.mine import _image_max
+    from patchmine.miner import _image_max
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 5, 4, 4, generator=g)
@@ -388,7 +368,4 @@ def test_min_inside_bars_units_from_the_bottom_k_too(tmp_path, labelled, tiny_mo
     with patchmine.open(out) as r:
         for n in LAYERS:
             score, image, yx, _ = ref[n]
-            b = r.layer(n).bottom
-            assert np.array_equal(b.score, score, equal_nan=True), n
-            assert np.array_equal(b.image, image), n
-            assert np.array_equal(b.yx[image >= 0], yx[image >= 0]), n
+            assert_winners(r.layer(n).bottom, score, image, yx, n)

@@ -17,23 +17,13 @@ from patchmine.merge import merge
 from patchmine.mine import mine
 from patchmine.projections import METHODS, ProjectionWarning
 from patchmine.reproject import project
-from tests.conftest import assert_same_file, write_corpus
+from tests.conftest import assert_same_file, tiny_settings, write_corpus
 
 LAYERS = ["pool", "conv2", "add", "head"]  # fields 9, 17, 25 px and the whole 64 px input
 
 
 def _settings(model: str, **kw) -> dict:
-    base = dict(
-        model=model,
-        weights="none",
-        layers=LAYERS,
-        k=4,
-        input_size=64,
-        batch_size=4,
-        workers=0,
-        progress=False,
-    )
-    return {**base, **kw}
+    return tiny_settings(model, **{"layers": LAYERS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +109,34 @@ def test_identical_across_batch_sizes(tmp_path, corpus, tiny_model, mined, batch
     out = tmp_path / "b.h5"
     mine([corpus], out, **_settings(tiny_model, projection="deconvnet", batch_size=batch_size))
     assert_same_file(mined("deconvnet"), out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packing_leaves_the_file_unchanged(
+    tmp_path, corpus, tiny_model, mined, method, monkeypatch
+):
+    """Entries with disjoint boxes share a backward; the file is the one that one backward per
+    entry (without packing) gives, bit for bit."""
+    from patchmine import projections
+
+    pack, shared = projections._pack, []
+
+    def spy(rows, boxes=None, max_rows=None):
+        copy_of, round_of = pack(rows, boxes, max_rows)
+        shared.append(len(set(zip(copy_of.tolist(), round_of.tolist(), strict=True))) < len(rows))
+        return copy_of, round_of
+
+    monkeypatch.setattr(projections, "_pack", spy)
+    packed = tmp_path / "packed.h5"
+    mine([corpus], packed, **_settings(tiny_model, projection=method))
+    assert any(shared)
+    monkeypatch.setattr(projections.Projector, "packable", lambda self, node: False)
+    shared.clear()
+    single = tmp_path / "single.h5"
+    mine([corpus], single, **_settings(tiny_model, projection=method))
+    assert shared and not any(shared)
+    assert_same_file(single, packed)
+    assert_same_file(mined(method), packed)
 
 
 def test_shards_merge_to_one_run(tmp_path, corpus, tiny_model, mined):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,7 @@ import patchmine
 from patchmine.errors import UnknownNameError, UsageError
 from patchmine.models import load_model
 from patchmine.taps import Tap, layer_names, module_outputs, resolve_layers, select_layers
-from tests.conftest import write_corpus
-from tests.test_reliability import _cli_many, _env
+from tests.conftest import cli_env, cli_many, run_cli, tiny_settings, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,17 +123,7 @@ def test_result_records_the_node(tmp_path, tiny_model):
 
     corpus = write_corpus(tmp_path / "c", 4, duplicates=False)
     out = tmp_path / "r.h5"
-    mine(
-        [corpus],
-        out,
-        model=tiny_model,
-        weights="none",
-        layers=["pool", "head"],
-        k=2,
-        input_size=64,
-        workers=0,
-        progress=False,
-    )
+    mine([corpus], out, **tiny_settings(tiny_model, layers=["pool", "head"], k=2))
     with patchmine.open(out) as r:
         assert r.layers == ["pool", "head"]
         assert r.layer("pool").attrs["node"] == "pool"
@@ -208,20 +195,13 @@ def test_readme_examples_run(tmp_path):
     (tmp_path / "more.txt").write_text(
         "".join(f"more/{p.name}\n" for p in sorted((tmp_path / "more").iterdir()))
     )
-    env = {**_env(), "TORCH_HOME": str(tmp_path / "torch-home"), "OMP_NUM_THREADS": "1"}
+    env = cli_env(TORCH_HOME=str(tmp_path / "torch-home"), OMP_NUM_THREADS="1")
     ran = 0
     for command, expected in examples:
         if any(command.startswith(s) for s in SKIP):
             continue
         argv = _runnable(command, tmp_path)
-        p = subprocess.run(
-            [sys.executable, "-m", "patchmine", *argv],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        p = run_cli(*argv, cwd=tmp_path, env=env)
         assert p.returncode == 0, (command, p.stderr)
         got = [_collapse(line) for line in p.stdout.splitlines()]
         at = 0
@@ -247,6 +227,12 @@ MODEL_FILES = {
 }
 
 
+def _tiny_args(model: str) -> list[str]:
+    """``mine`` options for the tiny net: layer pool, 64 px, one process, quiet."""
+    return ["--model", model, "--weights", "none", "--input-size", "64", "--layers", "pool",
+            "-j", "0", "-q"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("newcomer")
@@ -261,21 +247,7 @@ def cli(tmp_path_factory, tiny_model):
         (d / name).write_text(text)
     (d / "done.h5").write_bytes(b"")  # an existing output
     (d / "afile").write_text("x")
-    base = [
-        "--model",
-        tiny_model,
-        "--weights",
-        "none",
-        "--input-size",
-        "64",
-        "--layers",
-        "pool",
-        "-k",
-        "2",
-        "-j",
-        "0",
-        "-q",
-    ]
+    base = [*_tiny_args(tiny_model), "-k", "2"]
     tiny = ["--weights", "none", "--input-size", "64", "-j", "0", "-q"]
     cases = {
         "no readable image": ["mine", bad, "--out", d / "bad.h5", *base],
@@ -359,7 +331,7 @@ def cli(tmp_path_factory, tiny_model):
             "2",
         ],
     }
-    results = _cli_many(cases, d)
+    results = cli_many(cases, d)
     results["_dir"] = d
     return results
 
@@ -421,43 +393,13 @@ def test_successes(cli):
         assert r.layers == ["layer3", "layer4.1"]
         assert r.layer("layer3").attrs["node"] == "layer3.1.relu_1"
         assert r.layer("layer4.1").attrs["node"] == "layer4.1.relu_1"
-    info = subprocess.run(
-        [sys.executable, "-m", "patchmine", "info", d / "mod.h5"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    info = run_cli("info", d / "mod.h5", check=True).stdout
     assert "(node layer3.1.relu_1)" in info
 
 
 def test_quiet_mine_without_failures_prints_nothing(tmp_path, tiny_model):
     corpus = write_corpus(tmp_path / "c", 2, duplicates=False)
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "patchmine",
-            "mine",
-            corpus,
-            "--out",
-            tmp_path / "r.h5",
-            "--model",
-            tiny_model,
-            "--weights",
-            "none",
-            "--input-size",
-            "64",
-            "--layers",
-            "pool",
-            "-j",
-            "0",
-            "-q",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    p = run_cli("mine", corpus, "--out", tmp_path / "r.h5", *_tiny_args(tiny_model))
     assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stderr
 
 

@@ -27,8 +27,8 @@ from patchmine.projections import (
     cut_projections,
     rectified_ops,
 )
-from patchmine.receptive import receptive_fields
-from patchmine.taps import Tap
+from patchmine.receptive import boxes, receptive_fields
+from patchmine.taps import BATCH_MULTIPLE, Tap
 
 S = 64
 
@@ -345,6 +345,94 @@ def test_batched_equals_unbatched(method):
     torch.testing.assert_close(
         default, together, rtol=1e-5, atol=1e-6 * float(together.abs().max())
     )
+
+
+# early nodes with small fields (many disjoint boxes on a 64 px input) and later ones (few)
+PACK_CASES = {
+    "alexnet": ["features.1", "features.2"],
+    "resnet18": ["maxpool", "layer1.1.relu_1"],
+    None: ["_relu0", "_blocks.2.add"],
+}
+
+
+def _inside(bx: np.ndarray) -> torch.Tensor:
+    """(M, 3, S, S) bool: the pixels inside each entry's box."""
+    b = torch.from_numpy(np.asarray(bx, np.int64))
+    s = torch.arange(S)
+    in_y = (s >= b[:, 0:1]) & (s < b[:, 2:3])
+    in_x = (s >= b[:, 1:2]) & (s < b[:, 3:4])
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None].expand(-1, 3, -1, -1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(PACK_CASES), ids=lambda n: n or "lite0")
+def test_packed_equals_one_entry_per_backward(name, method):
+    """Entries with disjoint boxes seeded in one backward give the bits of one backward each."""
+    lm = _model(name)
+    layers = PACK_CASES[name]
+    fields = receptive_fields(lm.module, S, layers)
+    pixels = _pixels(4, seed=5)
+    # one chunk shape (BATCH_MULTIPLE rows) for both, whatever the number of copies
+    proj = Projector(lm.module, layers, lm.mean, lm.std, method, max_rows=BATCH_MULTIPLE)
+    for node in layers:
+        assert proj.packable(node)
+        shape = tuple(proj.activations(pixels, node).shape[1:])
+        rows, channels, yx = _entries(shape, 4, 60, seed=len(node))
+        yx[2] = yx[3]  # the same unit of two channels: overlapping boxes
+        rows[2] = rows[3]
+        bx = boxes(fields[node], yx)
+        copy_of, round_of = _pack(rows, bx)
+        seeds = list(zip(copy_of.tolist(), round_of.tolist(), strict=True))
+        assert len(set(seeds)) < len(rows)  # some entries share a backward
+        assert seeds[2] != seeds[3]
+        for key in set(seeds):  # pairwise disjoint boxes in each (copy, round)
+            b = bx[[i for i, s in enumerate(seeds) if s == key]]
+            assert len(set(rows[[i for i, s in enumerate(seeds) if s == key]])) == 1
+            for i in range(len(b)):
+                for j in range(i):
+                    assert (
+                        b[i, 0] >= b[j, 2] or b[j, 0] >= b[i, 2]
+                        or b[i, 1] >= b[j, 3] or b[j, 1] >= b[i, 3]
+                    )  # fmt: skip
+        before = proj.backwards
+        packed = proj.project_all(pixels, node, rows, channels, yx, bx)
+        n_packed, before = proj.backwards - before, proj.backwards
+        single = proj.project_all(pixels, node, rows, channels, yx)
+        assert n_packed < proj.backwards - before
+        inside = _inside(bx)
+        assert torch.count_nonzero(packed[~inside]) == 0
+        assert torch.count_nonzero(single[~inside]) == 0
+        assert torch.count_nonzero(packed) > 0
+        want = torch.where(inside, single, 0.0)
+        assert torch.equal(packed.view(torch.int32), want.view(torch.int32)), node  # bit for bit
+
+
+class _Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.norm(self.conv(x)))
+
+
+def test_spatial_statistics_never_pack():
+    """GroupNorm's statistics mix positions (the field analysis counts it element-wise): its
+    entries keep one backward each, and mixing shows outside the box without the mask."""
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    proj = Projector(model, ["relu"], (0.5,) * 3, (0.25,) * 3, "gradient")
+    assert not proj.packable("relu")
+    rows, channels, yx = np.array([0, 0]), np.array([1, 1]), np.array([[0, 0], [20, 20]])
+    bx = np.array([[-1, -1, 2, 2], [19, 19, 22, 22]])
+    masked = proj.project_all(_pixels(1), "relu", rows, channels, yx, bx)  # packed would differ
+    raw = proj.project_all(_pixels(1), "relu", rows, channels, yx)
+    assert torch.count_nonzero(raw[~_inside(bx)]) > 0
+    assert torch.equal(masked, torch.where(_inside(bx), raw, 0.0))
+    lm = _model("resnet18")
+    assert Projector(lm.module, ["fc"], lm.mean, lm.std, "gradient").packable("fc")
 
 
 def test_activations_equal_the_tap():

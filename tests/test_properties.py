@@ -169,5 +169,9 @@ def test_boxes_round_trip_between_input_and_original(fy, h, w, s):
         again, orig, rtol=0, atol=1e-5 * mag / scale.min() + 1e-6 * np.abs(orig).max()
     )
     # sizes scale by 1 / scale, and the transform preserves order
-    assert np.allclose(orig[:, 2:] - orig[:, :2], (b[:, 2:] - b[:, :2]) / scale[:2],
-                       rtol=1e-5, atol=1e-5 * mag / scale[:2])
+    assert np.allclose(
+        orig[:, 2:] - orig[:, :2],
+        (b[:, 2:] - b[:, :2]) / scale[:2],
+        rtol=1e-5,
+        atol=1e-5 * mag / scale[:2],
+    )

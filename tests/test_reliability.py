@@ -7,12 +7,11 @@
   message saying how to resume, no partial output and no stray temporary files.
 
 CLI cases run in real processes. Importing torch costs seconds, so most of them go through one driver
-process that imports patchmine once and forks a fresh child per command line (``_cli_many``).
+process that imports patchmine once and forks a fresh child per command line (``cli_many`` in conftest).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -36,10 +35,19 @@ import patchmine.mine as mine_mod
 from patchmine import cli, store
 from patchmine.errors import UsageError
 from patchmine.mine import mine
-from tests.conftest import assert_same_file, make_image, write_corpus
+from tests.conftest import (
+    TINY_LAYERS,
+    assert_same_file,
+    cli_env,
+    cli_many,
+    make_image,
+    popen_cli,
+    signal_at,
+    tiny_settings,
+    write_corpus,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["pool", "add", "head"]
+LAYERS = TINY_LAYERS
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -144,17 +152,7 @@ def _safe(name: str) -> str:
 
 
 def _mine(corpus, out, tiny_model, **kw):
-    args = dict(
-        model=tiny_model,
-        weights="none",
-        layers=LAYERS,
-        k=4,
-        input_size=64,
-        batch_size=4,
-        workers=0,
-        progress=False,
-    )
-    return mine(corpus, out, **{**args, **kw})
+    return mine(corpus, out, **tiny_settings(tiny_model, **kw))
 
 
 def _assert_same_for_good_images(zoo_h5: Path, good_h5: Path) -> None:
@@ -210,8 +208,10 @@ def test_zoo_is_mined_and_bad_files_are_recorded(tmp_path, tiny_model, monkeypat
     text = str(s)
     with patchmine.open(tmp_path / "zoo.h5") as r:
         assert r.attrs["n_failed"] == len(bad)
-        got = {p: (bool(ok), e) for p, ok, e in zip(r.image_paths, r.image_ok, r.image_error,
-                                                    strict=True)}
+        got = {
+            p: (bool(ok), e)
+            for p, ok, e in zip(r.image_paths, r.image_ok, r.image_error, strict=True)
+        }
         assert sorted(got) == sorted(_safe(n) for n in [*good, *bad])
         for name in good:
             assert got[_safe(name)] == (True, ""), name
@@ -256,68 +256,21 @@ def test_list_naming_missing_files_records_them(tmp_path, tiny_model):
 # ------------------------------------------------------------------------------------------------
 # Bad arguments: exit 2, one line on stderr, no traceback
 
-DRIVER = r"""
-import json, os, runpy, sys, traceback
-import patchmine.cli, patchmine.mine, patchmine.store  # imported once, shared by every fork
-cases, folder = json.load(open(sys.argv[1])), sys.argv[2]
-codes = []
-for i, argv in enumerate(cases):
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, "out"), (2, "err")):
-            os.dup2(os.open(f"{folder}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = ["patchmine", *argv]
-        code = 0
-        try:  # what `python -m patchmine ARGV` does, in a fresh process
-            runpy.run_module("patchmine", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-json.dump(codes, sys.stdout)
-"""
-
-
-def _env() -> dict:
-    # a UTF-8 locale: stdout is strict UTF-8, as on most desktops (the C locale would hide bugs)
-    return {**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8", "PYTHONWARNINGS": ""}
-
-
-def _cli_many(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
-    """Run ``patchmine ARGV`` for each case, each in its own process; name -> (code, out, err)."""
-    names = list(cases)
-    spec, logs = cwd / "cases.json", cwd / "logs"
-    logs.mkdir()
-    spec.write_text(json.dumps([[str(a) for a in cases[n]] for n in names]))
-    p = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(spec), str(logs)],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr
-    codes = json.loads(p.stdout)
-    return {
-        n: (c, (logs / f"{i}.out").read_text(errors="replace"),
-            (logs / f"{i}.err").read_text(errors="replace"))
-        for i, (n, c) in enumerate(zip(names, codes, strict=True))
-    }
-
 
 def _make_checkpoint(corpus: Path, out: Path, model: str) -> Path:
     """A real checkpoint of a run that has not started (k=3, layer pool)."""
     from patchmine.corpus import discover
     from patchmine.mine import Miner
 
-    m = Miner(discover([corpus]), model=model, weights="none", layers=["pool"], k=3,
-              per_image=1, input_size=64)
+    m = Miner(
+        discover([corpus]),
+        model=model,
+        weights="none",
+        layers=["pool"],
+        k=3,
+        per_image=1,
+        input_size=64,
+    )
     ckpt = out.with_name(out.name + ".ckpt")
     store.save_checkpoint(ckpt, m.state_dict())
     return ckpt
@@ -355,8 +308,21 @@ def cli_results(tmp_path_factory, tiny_model):
     with open(os.path.join(os.fsencode(odd), NON_UTF8_BAD), "wb") as f:
         f.write(b"garbage")
 
-    base = ["--model", f"{tiny_model}", "--weights", "none", "--input-size", "64",
-            "--layers", "pool", "-k", "3", "-j", "0", "-q"]
+    base = [
+        "--model",
+        f"{tiny_model}",
+        "--weights",
+        "none",
+        "--input-size",
+        "64",
+        "--layers",
+        "pool",
+        "-k",
+        "3",
+        "-j",
+        "0",
+        "-q",
+    ]
     mine_ = ["mine", corpus, "--out", d / "new.h5", *base]
     cases = {
         "unknown model": ["mine", corpus, "--out", d / "n.h5", "--model", "resnett50"],
@@ -371,18 +337,28 @@ def cli_results(tmp_path_factory, tiny_model):
         "unknown command": ["frobnicate"],
         "empty corpus": ["mine", d / "empty", "--out", d / "n.h5", *base],
         "missing corpus": ["mine", d / "nowhere", "--out", d / "n.h5", *base],
-        "output folder cannot be made": ["mine", corpus, "--out", d / "text.h5" / "sub" / "r.h5",
-                                         *base],
+        "output folder cannot be made": [
+            "mine",
+            corpus,
+            "--out",
+            d / "text.h5" / "sub" / "r.h5",
+            *base,
+        ],
         "output folder read-only": ["mine", corpus, "--out", ro_out, *base],
         "output exists": ["mine", corpus, "--out", done, *base],
         "output is a folder": ["mine", corpus, "--out", d / "empty", *base],
         "device unknown": [*mine_, "--device", "potato"],
         "weights file missing": [*mine_, "--weights", d / "no-such.pt"],
         "resume, corpus changed": ["mine", other, "--out", d / "res.h5", *base, "--resume"],
-        "resume, model changed": [*mine_[:3], d / "res.h5", *base, "--model", f"{tiny2}:build",
-                                  "--resume"],
-        "resume, layers changed": [*mine_[:3], d / "res.h5", *base, "--layers", "add",
-                                   "--resume"],
+        "resume, model changed": [
+            *mine_[:3],
+            d / "res.h5",
+            *base,
+            "--model",
+            f"{tiny2}:build",
+            "--resume",
+        ],
+        "resume, layers changed": [*mine_[:3], d / "res.h5", *base, "--layers", "add", "--resume"],
         "resume, k changed": [*mine_[:3], d / "res.h5", *base, "-k", "4", "--resume"],
         "checkpoint garbage": [*mine_[:3], d / "garbage.h5", *base, "--resume"],
         "checkpoint truncated": [*mine_[:3], d / "trunc.h5", *base, "--resume"],
@@ -403,7 +379,7 @@ def cli_results(tmp_path_factory, tiny_model):
     }
     if not torch.cuda.is_available():
         cases["no CUDA"] = [*mine_, "--device", "cuda"]
-    results = _cli_many(cases, d)
+    results = cli_many(cases, d)
     results["_dir"] = d
     return results
 
@@ -487,8 +463,21 @@ def test_force_and_odd_names_succeed(cli_results):
 # ------------------------------------------------------------------------------------------------
 # Faults: signals in every phase, a full disk, damaged checkpoints
 
-MINE_ARGS = ["--weights", "none", "--layers", ",".join(LAYERS), "-k", "4", "--input-size", "64",
-             "--batch-size", "2", "--checkpoint-every", "1", "-q"]
+MINE_ARGS = [
+    "--weights",
+    "none",
+    "--layers",
+    ",".join(LAYERS),
+    "-k",
+    "4",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "2",
+    "--checkpoint-every",
+    "1",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -505,22 +494,8 @@ def _leftovers(folder: Path, *allowed: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n not in allowed)
 
 
-def _signal_at(monkeypatch, owner, attr: str, sig: int, call: int = 1) -> None:
-    """Send ``sig`` to this process when ``owner.attr`` is called for the ``call``-th time."""
-    real = getattr(owner, attr)
-    count = {"n": 0}
-
-    def wrapper(*a, **kw):
-        count["n"] += 1
-        if count["n"] == call:
-            os.kill(os.getpid(), sig)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(owner, attr, wrapper)
-
-
 PHASES = {  # where the signal lands: (object, attribute, which call)
-    "first pass": (lambda: mine_mod.TopK, "add", 4),
+    "first pass": (lambda: __import__("patchmine.miner").miner.TopK, "add", 4),
     "second pass": (lambda: __import__("patchmine.patches").patches, "cut_patches", 1),
     "write": (lambda: store, "_write_layer", 2),
 }
@@ -536,7 +511,7 @@ def test_signal_leaves_checkpoint_and_resume_is_exact(
     owner, attr, call = PHASES[phase]
     argv = ["mine", str(corpus), "--out", str(out), "--model", tiny_model, *MINE_ARGS, "-j", "0"]
     with monkeypatch.context() as m:
-        _signal_at(m, owner(), attr, sig, call)
+        signal_at(m, owner(), attr, sig, call)
         code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
@@ -577,17 +552,6 @@ def test_second_signal_stops_at_once(tmp_path, fault_corpus, tiny_model, monkeyp
     assert_same_file(ref, out)
 
 
-def _popen(argv, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "patchmine", *map(str, argv)],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_process_group_with_workers(tmp_path, tiny_model, sig, capsys):
     """Ctrl-C in a terminal (or a scheduler's SIGTERM) reaches the DataLoader workers too: they
@@ -596,7 +560,7 @@ def test_signal_to_process_group_with_workers(tmp_path, tiny_model, sig, capsys)
     out, ref = tmp_path / "run.h5", tmp_path / "ref.h5"
     common = ["--model", tiny_model, *MINE_ARGS]
     argv = ["mine", str(corpus), "--out", str(out), *common, "-j", "2", "--batch-size", "1"]
-    p = _popen(argv, start_new_session=True)
+    p = popen_cli(*argv, start_new_session=True)
     ckpt = tmp_path / "run.h5.ckpt"
     deadline = time.time() + 120
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
@@ -633,7 +597,7 @@ def test_full_disk_during_write_then_resume(tmp_path, fault_corpus, tiny_model):
     argv = ["mine", corpus, "--out", out, "--model", tiny_model, *args, "-j", "0"]
     # room for the checkpoint and the second pass's scratch arrays, not the result
     assert os.path.getsize(ref) > 380_000
-    p = _popen(argv, preexec_fn=_file_size_limit(350_000))
+    p = popen_cli(*argv, preexec_fn=_file_size_limit(350_000))
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1, err
     lines = err.strip().splitlines()
@@ -660,8 +624,14 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, fault_corp
         "except store.WriteError as e:\n"
         "    print(e.strerror)\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(ckpt)], env=_env(), capture_output=True,
-                       text=True, preexec_fn=_file_size_limit(1_000_000), timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(1_000_000),
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "cannot write" in p.stdout and "File too large" in p.stdout
     assert ckpt.read_bytes() == before

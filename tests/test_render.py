@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from patchmine import gallery, pictures, store
 from patchmine.cli import parse_channels
 from patchmine.corpus import preprocess
 from patchmine.errors import UsageError
+from tests.conftest import run_cli
 
 S = 32  # model input side
 SIZE, STRIDE, OFFSET = 11, 4, -2  # receptive field of the spatial layer
@@ -535,25 +534,10 @@ def test_html_escapes_names(result_file, tmp_path):
     assert any("we&lt;i&gt;rd &amp; &quot;q&quot;.png" in p for p in pages)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "patchmine", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_render_cli(result_file, tmp_path):
     out = tmp_path / "cli"
-    p = _cli(
-        "render",
-        str(result_file),
-        "--out",
-        str(out),
-        "--channels",
-        "0,2-3",
-        "--overlay",
-        "heat",
-        "--quiet",
-    )
+    args = ["--out", out, "--channels", "0,2-3", "--overlay", "heat", "--quiet"]
+    p = run_cli("render", result_file, *args, timeout=120)
     assert p.returncode == 0, p.stderr
     assert (out / "index.html").is_file() and (out / "conv" / "c0002.webp").is_file()
     assert not (out / "conv" / "c0001.webp").exists()

@@ -17,24 +17,14 @@ from patchmine.cli import main
 from patchmine.errors import UsageError
 from patchmine.merge import merge
 from patchmine.mine import mine
-from tests.conftest import TINY_NET, assert_same_file, write_corpus
+from tests.conftest import TINY_NET, assert_same_file, tiny_settings, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["pool", "add", "head"]
 
 
 def _settings(model: str, per_image: int, k: int = 4, layers=LAYERS) -> dict:
-    return dict(
-        model=model,
-        weights="none",
-        layers=layers,
-        k=k,
-        per_image=per_image,
-        input_size=64,
-        batch_size=4,
-        workers=0,
-        progress=False,
-    )
+    return tiny_settings(model, per_image=per_image, k=k, layers=layers)
 
 
 def _cli_args(model: str, per_image: int) -> list[str]:

@@ -191,6 +191,17 @@ def numpy_stats(acts):
     return count, mean, std, np.nanmax(vals, 1).astype(np.float32)
 
 
+def assert_equals_numpy(res: dict, acts: np.ndarray, rtol: float, atol: float) -> None:
+    """A result of RunningStats against numpy: count and max exact, the mean to ``rtol`` and
+    ``atol``, the std to ``rtol``, the quantiles within their bounds."""
+    count, mean, std, mx = numpy_stats(acts)
+    np.testing.assert_array_equal(res["count"].numpy(), count)
+    np.testing.assert_allclose(res["mean"].numpy(), mean, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(res["std"].numpy(), std, rtol=rtol)
+    np.testing.assert_array_equal(res["max"].numpy(), mx)
+    check_quantiles(res["quantile"].numpy(), channel_values(acts), Q)
+
+
 def test_fed_the_shared_map_reductions_as_the_miner_does():
     """RunningStats and TopK fed one reduce_maps() result (Miner.collect on CPU), batch by batch,
     against numpy and a brute-force argmax."""
@@ -206,13 +217,7 @@ def test_fed_the_shared_map_reductions_as_the_miner_does():
         maps = reduce_maps(a, sample=rs.sample)
         tk.add(a, torch.from_numpy(part), maps)
         rs.add(a, maps)
-    res = rs.result()
-    count, mean, std, mx = numpy_stats(acts)
-    np.testing.assert_array_equal(res["count"].numpy(), count)
-    np.testing.assert_allclose(res["mean"].numpy(), mean, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(res["std"].numpy(), std, rtol=1e-6)
-    np.testing.assert_array_equal(res["max"].numpy(), mx)
-    check_quantiles(res["quantile"].numpy(), channel_values(acts), Q)
+    assert_equals_numpy(rs.result(), acts, rtol=1e-6, atol=1e-9)
     flat = np.where(np.isnan(acts), -np.inf, acts).reshape(12, 3, -1)
     for c in range(3):  # the two best (score desc, image asc, first location)
         best = sorted((-flat[n, c].max(), n, int(flat[n, c].argmax())) for n in range(12))[:2]
@@ -272,12 +277,7 @@ def test_to_an_accelerator_and_back(device):
     assert rs.state_dict()["count"].device.type == "cpu"
     rs.add(torch.from_numpy(acts[8:]).to(device))
     res = {k: v.cpu() for k, v in rs.to("cpu").result().items()}
-    count, mean, std, mx = numpy_stats(acts)
-    np.testing.assert_array_equal(res["count"].numpy(), count)
-    np.testing.assert_allclose(res["mean"].numpy(), mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(res["std"].numpy(), std, rtol=1e-5)
-    np.testing.assert_array_equal(res["max"].numpy(), mx)
-    check_quantiles(res["quantile"].numpy(), channel_values(acts), Q)
+    assert_equals_numpy(res, acts, rtol=1e-5, atol=1e-6)
 
 
 def test_slot_table_matches_the_bit_formula():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from torch import nn
 
 from patchmine.models import load_model
 from patchmine.taps import Tap, node_shapes
-from tests.conftest import assert_same_file, write_corpus
+from tests.conftest import assert_same_file, cli_env, write_corpus
 
 
 class InPlaceNet(nn.Module):
@@ -106,7 +105,7 @@ INVARIANCE = textwrap.dedent("""
 
 
 def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": str(threads)}
+    return cli_env(OMP_NUM_THREADS=str(threads))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

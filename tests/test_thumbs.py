@@ -13,23 +13,14 @@ from patchmine.corpus import CorpusDataset, discover
 from patchmine.merge import merge
 from patchmine.mine import mine
 from patchmine.models import load_model
-from tests.conftest import assert_same_file
+from tests.conftest import assert_same_file, tiny_settings
 
 SIZE = 64
 
 
 def _settings(model: str, **change) -> dict:
-    base = dict(
-        model=model,
-        weights="none",
-        layers=["pool", "head"],
-        k=20,  # more than the 15 images: unused slots
-        input_size=SIZE,
-        batch_size=4,
-        workers=0,
-        progress=False,
-    )
-    return {**base, **change}
+    base = {"layers": ["pool", "head"], "k": 20, "input_size": SIZE}  # k > 15 images: unused slots
+    return tiny_settings(model, **{**base, **change})
 
 
 def test_whole_field_patches_are_the_input_once_per_image(tmp_path, corpus_dir, tiny_model):
