@@ -13,12 +13,26 @@ Runs side by side in one process and one run, on a folder of images (default: th
    10x (duplicates tie, the first copy wins, so the winners are the same) and for k = 1, 9, 100:
    time, peak RSS, marginal cost per image.
 4. the second pass and the write as a share of a run; rendering time per layer.
+5. whole processes: ``python -m patchmine mine`` against an independent torchvision loop.
+6. labels: the first pass with ``--labels`` and ``--bottom-k`` against without them (issue 16's
+   target), measured like section 1 (the same decoded batches in memory, the Tap forward +
+   `Miner.collect` of each variant, alternated, median of paired ratios), with the parts (labels
+   alone, bottom-k alone). The labels are synthetic (image index mod 10): only the cost matters.
+7. projections: the second pass with ``--projection deconvnet`` against without, seconds per
+   winner image (issue 15's target at k=9), on AlexNet conv1-conv5 and the embedded model, k=1
+   and 9 (``--projection-ks 1,9,100`` adds k=100: slow); ``benchmarks/bench_projections.py``'s
+   ``second_pass_cost`` does the measuring.
 
 Timings on a shared machine are noisy: every comparison alternates its variants (A B, B A, ...)
 and reports medians of paired ratios, never a lone absolute time.
 
     python benchmarks/bench.py --corpus ../shared/corpus/imagenet-sample-500 [--quick]
     python benchmarks/bench.py --sections collector --models alexnet --out /tmp/bench.md  # one part
+    python benchmarks/bench.py --only labels         # re-measure section 6 in docs/benchmarks.md
+    python benchmarks/bench.py --only projections --projection-ks 1,9,100  # section 7, with k=100
+
+``--only e2e-process|labels|projections`` replaces that section (and its rows of the Targets
+table) in ``--out`` and keeps the rest of the report.
 """
 
 from __future__ import annotations
@@ -63,7 +77,8 @@ LITE0 = (
 VIT = ("vit_b_16", "none", [f"encoder.layers.encoder_layer_{i}.add_1" for i in (1, 5, 9)]
        + ["encoder.ln", "encoder.ln@cls"])  # fmt: skip
 MODELS = {"alexnet": ALEXNET, "lite0": LITE0, "vit_b_16": VIT}
-TARGETS = {"collector": 0.96, "e2e": 0.90, "rss": 1.10, "k100": 1.10}
+TARGETS = {"collector": 0.96, "e2e": 0.90, "rss": 1.10, "k100": 1.10, "labels": 0.97,
+           "projection": 3.0}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -128,6 +143,12 @@ def versions() -> dict:
     }
 
 
+def file_list(corpus_dir: Path, corpus, n: int, path: Path) -> Path:
+    """``path``: a file list of the first ``n`` images of ``corpus`` (found in ``corpus_dir``)."""
+    path.write_text("\n".join(str(corpus_dir.resolve() / q) for q in corpus.paths[:n]) + "\n")
+    return path
+
+
 def load_avg() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -178,6 +199,17 @@ def load_pixels(corpus, n: int, size: int = 224) -> torch.Tensor:
     return torch.stack([it["pixels"] for it in items if it["ok"]])
 
 
+def decoded_batches(corpus, batch: int, nbatch: int) -> list[torch.Tensor]:
+    """``nbatch`` full batches of the first images, decoded (what the sections in memory feed)."""
+    pixels = load_pixels(corpus, batch * nbatch)
+    return [pixels[i : i + batch] for i in range(0, len(pixels) - batch + 1, batch)]
+
+
+def in_memory_runs(key: str, quick: bool) -> tuple[int, int]:
+    """Batches and timed runs over them of the sections on decoded batches (1 and 6)."""
+    return (1, 2) if quick else (6, 8) if key == "alexnet" else (2, 5)
+
+
 def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dict:
     """The first pass over batches in memory vs the same forward alone, alternated; parts apart."""
     from patchmine.maps import map_max, reduce_maps
@@ -187,8 +219,7 @@ def bench_collector(corpus, key: str, batch: int, nbatch: int, reps: int) -> dic
     miner = Miner(
         corpus, model=name, weights=weights, layers=layers, k=9, per_image=1, input_size=224
     )
-    pixels = load_pixels(corpus, batch * nbatch)
-    batches = [pixels[i : i + batch] for i in range(0, len(pixels) - batch + 1, batch)]
+    batches = decoded_batches(corpus, batch, nbatch)
     refs = {
         "heapq": {n: HeapqTopK(miner.shapes[n][0], 9) for n in layers},
         "bare": {n: BareTopK(miner.shapes[n][0], 9) for n in layers},
@@ -455,6 +486,189 @@ def bench_render(h5: Path, tmp: Path) -> list[tuple[str, int, float]]:
     return rows
 
 
+# -------------------------------------------------------------------- 6. labels and bottom-k
+LABEL_VARIANTS = {  # name -> Miner options; "plain" is the first pass without either
+    "plain": {},
+    "labels": {"labels": True},
+    "bottom-k": {"bottom_k": True},
+    "labels + bottom-k": {"labels": True, "bottom_k": True},
+}
+
+
+def bench_labels(corpus, key: str, batch: int, nbatch: int, reps: int) -> dict:
+    """The first pass (Tap forward + `Miner.collect`) with ``--labels`` and/or ``--bottom-k``
+    against without, on the same batches in memory; every variant runs each batch, in an order
+    that rotates, and its time over the plain run's is one paired ratio."""
+    from patchmine.corpus import Corpus
+    from patchmine.miner import _CLASS_BATCH, Labels, Miner
+
+    name, weights, layers = MODELS[key]
+    batches = decoded_batches(corpus, batch, nbatch)
+    # every variant sees a stream of fresh indices (warm-up + timed runs): a corpus that long,
+    # its paths repeated, labelled synthetically (image index mod 10)
+    n = (reps + 1) * len(batches) * batch
+    m = len(corpus)
+    stream = Corpus(corpus.roots, tuple(corpus.paths[i % m] for i in range(n)),
+                    tuple(corpus.root_index[i % m] for i in range(n)))  # fmt: skip
+    label = torch.arange(n, dtype=torch.int32) % 10
+    labels = Labels("synthetic", [str(c) for c in range(10)], label)
+    miners = {}
+    for v, opt in LABEL_VARIANTS.items():
+        miners[v] = Miner(stream, model=name, weights=weights, layers=layers, k=9, per_image=1,
+                          input_size=224, labels=labels if opt.get("labels") else None,
+                          bottom_k=opt.get("bottom_k", False))  # fmt: skip
+        if v != "plain":  # one forward serves every variant: one model in memory
+            miners[v].tap = miners[v].model = None
+            gc.collect()
+    tap = miners["plain"].tap
+    offset = dict.fromkeys(miners, 0)
+
+    def index(v, b):
+        offset[v] += len(b)
+        return torch.arange(offset[v] - len(b), offset[v])
+
+    names = list(miners)
+    t = {v: [] for v in names}
+    pairs = {v: [] for v in names[1:]}  # plain / variant, one batch
+    with torch.inference_mode():
+        for b in batches:  # warm-up, as in section 1: the timed runs show the steady state
+            acts = tap(b)
+            for v in names:
+                miners[v].collect(acts, index(v, b))
+            del acts
+        for r in range(reps):
+            for j, b in enumerate(batches):
+                shift = (r * len(batches) + j) % len(names)
+                order = names[shift:] + names[:shift]
+                got = {}
+                for v in order if r % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    acts = tap(b)
+                    miners[v].collect(acts, index(v, b))
+                    got[v] = time.perf_counter() - t0
+                    del acts
+                for v in names:
+                    t[v].append(got[v])
+                for v in pairs:
+                    pairs[v].append(got["plain"] / got[v])
+    timed = reps * len(batches) * batch
+    return {
+        "model": name,
+        "layers": layers,
+        "batch": batch,
+        "batches": len(batches),
+        "reps": reps,
+        "class_flushes": timed // _CLASS_BATCH,
+        "class_batch": _CLASS_BATCH,
+        "s": {v: med(x) for v, x in t.items()},
+        "ratio": {v: med(x) for v, x in pairs.items()},
+        "spread": {v: spread(x) for v, x in pairs.items()},
+    }
+
+
+LABELS_TARGET = "labels + bottom-k first pass"  # the start of section 6's rows of the Targets table
+
+
+def report_labels(rows: list[dict]) -> tuple[list[str], list[tuple]]:
+    L = [
+        "## 6. Labels and bottom-k (the first pass with `--labels` and `--bottom-k` vs without)",
+        "",
+        "As section 1: batches decoded in memory; per batch, the Tap forward + `Miner.collect`",
+        "of four miners (without either option, `--labels` alone, `--bottom-k` alone, both), in",
+        "an order that rotates and reverses, each fed a stream of fresh image indices; ratio =",
+        "the time without the options / the time with them, median of the per-batch pairs",
+        "(min-max); every miner saw each batch once before the timed runs. The labels are",
+        "synthetic (image index mod 10, 10 classes): only the cost matters, and it does not",
+        "depend on which image has which label. The class means add their buffered per-image",
+        "maxima every `_CLASS_BATCH` images; the last column says how often that fell in the",
+        "timed runs (per miner).",
+        "",
+        "| model | batch x batches x runs | first pass s/batch | `--labels` | `--bottom-k` | "
+        "both | class-mean flushes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    targets = []
+    for c in rows:
+        r, sp = c["ratio"], c["spread"]
+        cells = [f"{r[v]:.3f} ({sp[v]})" for v in ("labels", "bottom-k")]
+        both = "labels + bottom-k"
+        L.append(
+            f"| {c['model']} | {c['batch']} x {c['batches']} x {c['reps']} | "
+            f"{c['s']['plain']:.3f} | {cells[0]} | {cells[1]} | **{r[both]:.3f}** ({sp[both]}) "
+            f"| {c['class_flushes']} of {c['class_batch']} images |"
+        )
+        targets.append(
+            (
+                f"{LABELS_TARGET} {c['model']} >= {TARGETS['labels']}",
+                f"{r[both]:.3f} (labels {r['labels']:.3f}, bottom-k {r['bottom-k']:.3f})",
+                r[both] >= TARGETS["labels"],
+            )
+        )
+    L += ["", "Layers: " + "; ".join(f"{c['model']}: {', '.join(c['layers'])}" for c in rows), ""]
+    return L, targets
+
+
+# ---------------------------------------------------------------------------- 7. projections
+def bench_projection_cost(sources, key: str, ks, images: int, batch: int, reps: int, tmp: Path):
+    """The second pass with ``--projection deconvnet`` vs without, per winner image, for each k
+    (see ``bench_projections.second_pass_cost``); the first pass once, at the largest k."""
+    import bench_projections as bp
+
+    from patchmine.corpus import discover
+
+    lm, layers = bp.model_and_layers(key)
+    result = bp.mined(sources, key, layers, tmp / f"projections-{key}.h5", max(ks))
+    corpus = discover(sources)
+    rows = []
+    for k in ks:
+        rows.append(bp.second_pass_cost(lm, layers, corpus, result, k, "deconvnet", images,
+                                        batch, reps))  # fmt: skip
+        c = rows[-1]
+        log(f"  projections {key} k={k}: {c['plain_s']:.3f} -> {c['with_s']:.3f} s per winner "
+            f"image ({c['ratio']:.2f}x) over {c['images']} images")  # fmt: skip
+    name = bp.MODELS[key][0] or "efficientnet_lite0"
+    return {"model": name, "layers": layers, "corpus": len(corpus), "batch": batch, "rows": rows}
+
+
+PROJECTION_TARGET = "projections (deconvnet) second pass"  # section 7's rows of the Targets table
+
+
+def report_projections(models: list[dict]) -> tuple[list[str], list[tuple]]:
+    L = [
+        "## 7. Projections (the second pass with `--projection deconvnet` vs without)",
+        "",
+        "`patches.second_pass` as `mine` runs it (workers 0), over a sample of winner images",
+        "spread evenly over the winner ids of a first pass at the largest k, without a projector",
+        "and with `Projector('deconvnet')` (`benchmarks/bench_projections.py`'s",
+        "`second_pass_cost`), alternated; seconds per winner image (medians), ratio = with /",
+        "without, median of the per-run pairs (min-max). The first pass is not timed here: it",
+        "does not change with `--projection`.",
+        "",
+        "| model | corpus | k | winner images timed | entries/image (all winners) | "
+        "without s/image | with s/image | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    targets = []
+    for m in models:
+        for c in m["rows"]:
+            L.append(
+                f"| {m['model']} | {m['corpus']} | {c['k']} | {c['images']} x {c['repeats']} | "
+                f"{c['entries_per_image']:.1f} ({c['entries_per_image_all']:.1f}) | "
+                f"{c['plain_s']:.3f} | {c['with_s']:.3f} | **{c['ratio']:.2f}** "
+                f"({c['ratio_min']:.2f}-{c['ratio_max']:.2f}) |"
+            )
+            if c["k"] == 9:
+                targets.append(
+                    (
+                        f"{PROJECTION_TARGET} {m['model']} k=9 <= {TARGETS['projection']}x without",
+                        f"{c['ratio']:.2f}",
+                        c["ratio"] <= TARGETS["projection"],
+                    )
+                )
+    L += ["", "Layers: " + "; ".join(f"{m['model']}: {', '.join(m['layers'])}" for m in models)]
+    return L + [""], targets
+
+
 # ------------------------------------------------------- 5. whole processes vs torchvision's loop
 # An independent limit loop: torchvision's own transforms and DataLoader, create_feature_extractor
 # over the same nodes, nothing else; no patchmine code but the embedded model's definition. It
@@ -510,8 +724,15 @@ def _timed(cmd: list[str], env: dict) -> dict:
     out = {"wall_s": wall, "cpu_s": cpu, "sys_s": after.ru_stime - before.ru_stime}
     # patchmine's summary: the first pass apart (with k > 1 the copies of a strong image fill its
     # channels' top-k, so a longer list has more distinct winner indices for the second pass)
-    got = re.search(r"first pass ([\d.]+)s, second pass ([\d.]+)s", p.stdout)
-    out["first_s"] = float(got.group(1)) if got else wall
+    got = re.search(
+        r"mined (\d+) of \d+ images .*first pass ([\d.]+)s, second pass ([\d.]+)s over (\d+)",
+        p.stdout,
+    )
+    out["first_s"] = float(got.group(2)) if got else wall
+    if got:  # per image: the second pass per winner image, the first per image mined
+        out["second_per_first"] = (float(got.group(3)) / int(got.group(4))) / (
+            float(got.group(2)) / int(got.group(1))
+        )
     return out
 
 
@@ -585,7 +806,8 @@ def bench_process(corpus_dir: Path, photos: int, mults: list[int], rounds: int, 
                 "rounds": per_round,
             }
         pairs = list(zip(rows[_LIMIT]["rounds"], rows["patchmine mine"]["rounds"], strict=True))
-        out["models"][key] = {"rows": rows} | {
+        out["models"][key] = {"rows": rows, "patchmine": {
+            mu: got[("patchmine mine", mu)] for mu in mults}} | {
             what: [a[v] / b[v] for a, b in pairs]
             for what, v in [("streaming", "marginal_s"), ("streaming_cpu", "cpu_marginal_s"),
                             ("whole", "whole_s")]
@@ -639,6 +861,11 @@ def report_process(d: dict) -> list[str]:
         targets.append((f"{key}: streaming >= {PROCESS_TARGETS[key]} of the tuned loop",
                         f"{s:.3f} ({spread(m['streaming'])}; cpu {c:.3f}; first pass {f:.3f})",
                         s >= PROCESS_TARGETS[key]))  # fmt: skip
+        second = [x["second_per_first"] for mu in (lo, hi) for x in m["patchmine"][mu]
+                  if "second_per_first" in x]  # fmt: skip
+        if second:
+            targets.append((f"{key}: second pass per winner image <= first pass per image",
+                            f"{med(second):.2f} ({spread(second)})", med(second) <= 1.0))  # fmt: skip
         targets.append((f"{key}: whole run on {hi * d['photos']} images >= "
                         f"{PROCESS_TARGETS['whole']} of the tuned loop", f"{w:.3f}",
                         w >= PROCESS_TARGETS["whole"]))  # fmt: skip
@@ -647,22 +874,51 @@ def report_process(d: dict) -> list[str]:
     return L + [""]
 
 
-def splice_section(path: Path, section: list[str]) -> str:
-    """``path``'s text with section 5 replaced (or added before the targets), the rest kept."""
-    return splice_section_text(path.read_text() if path.exists() else "# Benchmarks\n", section)
+def splice_section(
+    path: Path, section: list[str], targets: list[tuple] = (), stem: str = ""
+) -> str:
+    """``path``'s text with ``section`` replaced (or added in its place by number), the rest kept;
+    the Targets table's rows that start with ``stem`` replaced by ``targets``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = splice_section_text(text, section)
+    return splice_targets(text, targets, stem) if stem else text
 
 
 def splice_section_text(text: str, section: list[str]) -> str:
-    head = "## 5. Whole processes"
+    """``text`` with the section headed like ``section[0]`` ("## N. ...") replaced, or added
+    before the first later-numbered section (or the Targets table, or the end)."""
+    number = int(re.match(r"## (\d+)\.", section[0]).group(1))
     lines = text.split("\n")
-    start = next((i for i, x in enumerate(lines) if x.startswith(head)), None)
+    start = next((i for i, x in enumerate(lines) if x.startswith(f"## {number}. ")), None)
     if start is None:
-        start = next((i for i, x in enumerate(lines) if x == "## Targets"), len(lines))
+
+        def after(x: str) -> bool:
+            got = re.match(r"## (\d+)\.", x)
+            return x in ("## Targets", "## Notes") or bool(got and int(got.group(1)) > number)
+
+        start = next((i for i, x in enumerate(lines) if after(x)), len(lines))
         end = start
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
                    len(lines))  # fmt: skip
     return "\n".join(lines[:start] + section + lines[end:])
+
+
+def splice_targets(text: str, targets: list[tuple], stem: str) -> str:
+    """The Targets table of ``text`` (made if missing) with its rows whose target starts with
+    ``stem`` replaced by ``targets``, where the first of them stood (else at the end)."""
+    lines = text.rstrip("\n").split("\n")
+    head = next((i for i, x in enumerate(lines) if x == "## Targets"), None)
+    if head is None:
+        lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|", ""]
+        head = len(lines) - 5
+    end = next((i for i in range(head + 3, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = lines[head + 4 : end]  # after the heading, a blank line, the header and its rule
+    at = next((i for i, x in enumerate(rows) if x.startswith(f"| {stem}")), len(rows))
+    kept = [x for x in rows if not x.startswith(f"| {stem}")]
+    at -= sum(1 for x in rows[:at] if x.startswith(f"| {stem}"))
+    new = [f"| {t} | {val} | {ok(flag)} |" for t, val, flag in targets]
+    return "\n".join(lines[: head + 4] + kept[:at] + new + kept[at:] + lines[end:]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -804,8 +1060,11 @@ def report(ctx: dict) -> str:
         if (10, 9) in runs and (30, 9) in runs:
             rss = runs[(30, 9)]["rss_mib"] / runs[(10, 9)]["rss_mib"]
             targets.append(
-                (f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)", f"{rss:.3f}",
-                 rss <= TARGETS["rss"])
+                (
+                    f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)",
+                    f"{rss:.3f}",
+                    rss <= TARGETS["rss"],
+                )
             )
         if (30, 9) in runs and (10, 9) in runs and (1, 9) in runs:
             # spans of 900 and 2000 images: a 1x -> 2x step (100 images, ~1 s) is mostly noise
@@ -849,6 +1108,11 @@ def report(ctx: dict) -> str:
         for n, c, sec in ctx["render"]:
             L.append(f"| {n} | {c} | {sec:.1f} | {1000 * sec / c:.0f} |")
         L.append("")
+    for key, section in (("labels", report_labels), ("projections", report_projections)):
+        if ctx.get(key):
+            lines, more = section(ctx[key])
+            L += lines
+            targets += more
     if targets:
         L += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
         L += [f"| {t} | {val} | {ok(f)} |" for t, val, f in targets]
@@ -866,7 +1130,9 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default=str(ROOT.parent / "shared/corpus/imagenet-sample-500"))
     p.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"), help="report (markdown)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run on small samples")
-    p.add_argument("--sections", default="collector,e2e,scaling,render,e2e-process")
+    p.add_argument(
+        "--sections", default="collector,e2e,scaling,render,e2e-process,labels,projections"
+    )
     p.add_argument("--models", default="alexnet,lite0,vit_b_16", help="for the collector section")
     p.add_argument("--e2e-models", default="alexnet,lite0")
     p.add_argument("--scaling-model", default="alexnet")
@@ -877,12 +1143,21 @@ def main(argv=None) -> int:
         "--only",
         default=None,
         metavar="SECTION",
-        help="run one section alone; e2e-process updates its part of --out in place",
+        help="run one section alone; e2e-process, labels, projections update their part of "
+        "--out in place",
     )
     p.add_argument("--process-photos", type=int, default=250, help="section 5's photos")
     p.add_argument("--process-mults", default="1,4", help="section 5's list repeats")
     p.add_argument("--process-rounds", type=int, default=3)
     p.add_argument("--process-models", default="lite0,alexnet")
+    p.add_argument("--labels-models", default="alexnet", help="section 6's models")
+    p.add_argument("--projection-models", default="alexnet,lite0", help="section 7's models")
+    p.add_argument("--projection-ks", default="1,9", help="section 7's k (1,9,100: slow)")
+    p.add_argument("--projection-images", type=int, default=8, help="winner images per run")
+    p.add_argument("--projection-repeats", type=int, default=3)
+    p.add_argument(
+        "--projection-corpus", type=int, default=200, help="images of section 7's first pass"
+    )
     args = p.parse_args(argv)
     if args.only:
         args.sections = args.only
@@ -916,11 +1191,13 @@ def main(argv=None) -> int:
             "still enter the top-k (the cold phase, where every entry is located and merged); "
             "k = 100 can only cost as little as k = 9 once n >> k.",
             "On CPU, `patchmine.maps.reduce_maps` takes every map's max, sum and sum of squares "
-            "(and the histogram's samples) for both collectors with three torch reductions "
-            "(`amax`, `sum`, `vector_norm`; each reduces a map on one thread, so every number "
-            "stays a function of its map); maps whose std is small against their mean are redone "
-            "in float64. RunningStats merges per-map (count, mean, M2) with Chan's formula and "
-            "counts its buffered batches every ~2M values.",
+            "(and the histogram's samples, and with `--bottom-k` its min) for all collectors "
+            "with torch reductions (`amax`, `sum`, `vector_norm`, `amin`) over ~2 MB of maps at "
+            "a time, so that each chunk is read from memory once; each reduces a map on one "
+            "thread, so every number stays a function of its map; maps whose std is small "
+            "against their mean are redone in float64. RunningStats sums the per-map moments "
+            "exactly (integer limbs, `patchmine.exact`) every ~2M values, so any batching, "
+            "resume or merge gives the same state bit for bit.",
             "Peak RSS: both passes free a batch's activations before the next forward (until "
             "2026-11-30 a name held the previous batch's through it, and 10x/1x was 1.12). The "
             "peak falls in the second pass, where the memory-mapped patch scratch files (~0.3 GB "
@@ -938,8 +1215,7 @@ def main(argv=None) -> int:
             ctx["collector"] = []
             for key in args.models.split(","):
                 log(f"collector overhead: {key}")
-                nb, reps = (1, 2) if quick else (6, 8) if key == "alexnet" else (2, 5)
-                c = bench_collector(corpus, key, bs, nb, reps)
+                c = bench_collector(corpus, key, bs, *in_memory_runs(key, quick))
                 ctx["collector"].append(c)
                 log(
                     f"  {key}: forward {c['fwd_s']:.3f}s/batch, reduce {c['reduce_s']:.4f}s, TopK "
@@ -957,11 +1233,7 @@ def main(argv=None) -> int:
                     # the embedded model is ~5x slower per image on CPU: a subset keeps the
                     # benchmark's runtime sane (a file list of the first images)
                     n = min(n, 48 if quick else 200)
-                    lst = tmp / f"e2e-{key}.txt"
-                    lst.write_text(
-                        "\n".join(str(corpus_dir.resolve() / q) for q in corpus.paths[:n]) + "\n"
-                    )
-                    src = [lst]
+                    src = [file_list(corpus_dir, corpus, n, tmp / f"e2e-{key}.txt")]
                 log(f"end to end: {key} on {n} images")
                 ctx["e2e"].append(bench_e2e(src, key, bs, workers, 2 if quick else 5, tmp))
         if "scaling" in sections:
@@ -971,6 +1243,27 @@ def main(argv=None) -> int:
         if "render" in sections and ctx.get("e2e"):
             log("rendering")
             ctx["render"] = bench_render(ctx["e2e"][0]["out"], tmp)
+        if "labels" in sections:
+            ctx["labels"] = []
+            for key in args.labels_models.split(","):
+                log(f"labels and bottom-k: {key}")
+                c = bench_labels(corpus, key, bs, *in_memory_runs(key, quick))
+                ctx["labels"].append(c)
+                log(f"  {key}: first pass {c['s']['plain']:.3f}s/batch; ratios " + ", ".join(
+                    f"{v} {r:.3f}" for v, r in c["ratio"].items()))  # fmt: skip
+        if "projections" in sections:
+            # quick: k=1 and one winner image (a projection is one backward per entry, and a
+            # small corpus gives each winner image many entries)
+            n = min(len(corpus), 48 if quick else args.projection_corpus)
+            lst = file_list(corpus_dir, corpus, n, tmp / "projections.txt")
+            ks = [1] if quick else [int(k) for k in args.projection_ks.split(",")]
+            images, reps = (1, 1) if quick else (args.projection_images, args.projection_repeats)
+            ctx["projections"] = []
+            for key in args.projection_models.split(","):
+                log(f"projections: {key} on {n} images, k = {ks}, {images} winner images")
+                ctx["projections"].append(
+                    bench_projection_cost([lst], key, ks, images, bs, reps, tmp)
+                )
         if "e2e-process" in sections:
             n, mults = args.process_photos, [int(m) for m in args.process_mults.split(",")]
             rounds = 1 if quick else args.process_rounds
@@ -981,11 +1274,21 @@ def main(argv=None) -> int:
     ctx["load_end"] = load_avg()
     ctx["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
-    if sections == {"e2e-process"}:  # the rest of the report stays as it was
-        text = splice_section(out, report_process(ctx["process"]))
-        out.write_text(text)
-        print("\n".join(report_process(ctx["process"])))
-        log(f"updated section 5 of {out}")
+    if sections <= {"e2e-process", "labels", "projections"}:  # the rest of the report stays
+        parts = []
+        if ctx.get("process"):  # its targets are in its own table
+            parts.append(("5", report_process(ctx["process"]), [], ""))
+        for key, number, section, stem in (
+            ("labels", "6", report_labels, LABELS_TARGET),
+            ("projections", "7", report_projections, PROJECTION_TARGET),
+        ):
+            if ctx.get(key):
+                parts.append((number, *section(ctx[key]), stem))
+        for number, lines, targets, stem in parts:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(splice_section(out, lines, targets, stem))
+            print("\n".join(lines))
+            log(f"updated section {number} of {out}")
         return 0
     text = report(ctx)
     if ctx.get("process"):

@@ -4,11 +4,16 @@ Mines the corpus once per model at k=100 (kept in --work, reused), then for k in
 
 - section "second pass" (the default): ``patches.second_pass`` exactly as ``mine`` runs it, over
   the first ``--images`` winner images of the top-k (slots < k), once without a projector and once
-  with ``Projector(method)``, alternated ``--repeats`` times; seconds per winner image and ratio.
+  with ``Projector(method)``, alternated ``--repeats`` times; seconds per winner image and ratio;
+  with ``--unpacked`` also with ``Projector(method, pack=False)`` (one entry per backward, the
+  same bits). The forwards and backwards the projector ran are counted (counts are not noisy).
 - section "batch" (``--sections batch``): one winner batch, the ``Tap`` re-forward against
   ``Projector.project`` (forward + every entry's backward) and ``cut_projections`` apart.
 
     python benchmarks/bench_projections.py --corpus ../shared/corpus/imagenet-sample-500 [--quick]
+
+``make bench`` runs the second-pass part as its "projections" section (``second_pass_cost``);
+this script stays the entry point for the k=100 runs and the per-batch breakdown.
 
 Measured on the 2-core shared machine (load 8-11, so absolute times are inflated; batch 16,
 ``--images 16`` for AlexNet with random weights, conv1-conv5, ``--images 8`` for the embedded
@@ -73,6 +78,22 @@ def _time(fn, repeats: int) -> list[float]:
     return t
 
 
+def model_and_layers(key: str):
+    """The loaded model of ``MODELS[key]`` and its layers (the embedded model: its defaults)."""
+    name, weights, layers = MODELS[key]
+    lm = load_model(name, weights, 224)
+    return lm, layers or list(lm.default_layers)
+
+
+def mined(sources, key: str, layers: list[str], out: Path, k: int) -> Path:
+    """``out``: the first pass of ``MODELS[key]`` over ``sources`` at ``k`` (kept if it exists)."""
+    name, weights, _ = MODELS[key]
+    if not out.exists():
+        mine(sources, out, model=name, weights=weights, layers=layers, k=k, input_size=224,
+             workers=0, progress=False)  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="../shared/corpus/imagenet-sample-500")
@@ -86,6 +107,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32, help="winner images per second-pass run")
     ap.add_argument("--sections", default="second-pass", help="second-pass and/or batch")
     ap.add_argument("--quick", action="store_true", help="k=9 only, 1 repeat")
+    ap.add_argument("--unpacked", action="store_true", help="also one entry per backward")
     args = ap.parse_args()
     if args.quick:
         args.ks, args.repeats = "9", 1
@@ -94,13 +116,8 @@ def main() -> None:
     corpus = discover([args.corpus])
     print(f"torch threads {torch.get_num_threads()}, corpus {len(corpus)} images")
     for key in args.models.split(","):
-        name, weights, layers = MODELS[key]
-        lm = load_model(name, weights, 224)
-        layers = layers or list(lm.default_layers)
-        result = work / f"{key}-k100.h5"
-        if not result.exists():
-            mine([args.corpus], result, model=name, weights=weights, layers=layers, k=100,
-                 input_size=224, workers=0, progress=False)  # fmt: skip
+        lm, layers = model_and_layers(key)
+        result = mined([args.corpus], key, layers, work / f"{key}-k100.h5", 100)
         if "second-pass" in args.sections:
             _second_pass_section(args, key, lm, layers, corpus, result)
         if "batch" in args.sections:
@@ -132,37 +149,70 @@ def _plans(path: Path, layers: list[str], fields, k: int, images: int) -> list[L
     ]
 
 
-def _second_pass_section(args, key, lm, layers, corpus, result) -> None:
+def second_pass_cost(lm, layers, corpus, result: Path, k: int, method: str = "deconvnet",
+                     images: int = 32, batch_size: int = 32, repeats: int = 3,
+                     pack: bool = True) -> dict:  # fmt: skip
+    """``patches.second_pass`` as ``mine`` runs it (workers 0) over ``images`` winner images of the
+    top-k (slots < k) of ``result``, without a projector and with ``Projector(method, pack=pack)``,
+    alternated (A B, B A, ...) ``repeats`` times: seconds per winner image (medians), the
+    median of the per-repeat ratios with / without, and the projector's forwards and backwards
+    per second pass."""
     fields = receptive_fields(lm.module, 224, layers)
     tap = Tap(lm.module, layers, lm.mean, lm.std)
     fill = tuple(int(round(m * 255)) for m in lm.mean)
+    every = _plans(result, layers, fields, k, 1 << 30)
+    all_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in every])))
+    all_ent = sum(int((p.image >= 0).sum()) for p in every) / max(all_img, 1)
+    plans = _plans(result, layers, fields, k, images)
+    n_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans])))
+    n_ent = sum(int((p.image >= 0).sum()) for p in plans)
+    proj = Projector(lm.module, layers, lm.mean, lm.std, method, batch_size, pack=pack)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(repeats):
+        for projected in (False, True) if r % 2 == 0 else (True, False):
+            scratch = Path(tempfile.mkdtemp())
+            t0 = time.perf_counter()
+            second_pass(tap, corpus, 224, plans, fill, scratch, batch_size, 0,
+                        progress=False, projector=proj if projected else None)  # fmt: skip
+            times[projected].append(time.perf_counter() - t0)
+            shutil.rmtree(scratch)
+    pairs = [b / a for a, b in zip(times[False], times[True], strict=True)]
+    return {
+        "k": k,
+        "method": method,
+        "images": n_img,
+        "entries_per_image": n_ent / max(n_img, 1),
+        "entries_per_image_all": all_ent,
+        "repeats": repeats,
+        "plain_s": statistics.median(times[False]) / n_img,
+        "with_s": statistics.median(times[True]) / n_img,
+        "ratio": statistics.median(pairs),
+        "ratio_min": min(pairs),
+        "ratio_max": max(pairs),
+        "forwards": proj.forwards // repeats,
+        "backwards": proj.backwards // repeats,
+    }
+
+
+def _second_pass_section(args, key, lm, layers, corpus, result) -> None:
     print(f"\n{key}: second pass per winner image (batch {args.batch_size}, workers 0)")
-    print("model    k  images  entries/img (all)  plain s/img  method      with s/img  ratio")
+    print(
+        "model    k  images  entries/img (all)  plain s/img  method      with s/img  ratio"
+        "  forwards backwards"
+    )
     for k in [int(v) for v in args.ks.split(",")]:
-        every = _plans(result, layers, fields, k, 1 << 30)
-        all_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in every])))
-        all_ent = sum(int((p.image >= 0).sum()) for p in every) / max(all_img, 1)
-        plans = _plans(result, layers, fields, k, args.images)
-        n_img = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans])))
-        n_ent = sum(int((p.image >= 0).sum()) for p in plans)
         for method in args.methods.split(","):
-            proj = Projector(lm.module, layers, lm.mean, lm.std, method, args.batch_size)
-            plain, withp = [], []
-            for _ in range(args.repeats):  # alternated
-                for projector, times in ((None, plain), (proj, withp)):
-                    scratch = Path(tempfile.mkdtemp())
-                    t0 = time.perf_counter()
-                    second_pass(tap, corpus, 224, plans, fill, scratch, args.batch_size, 0,
-                                progress=False, projector=projector)  # fmt: skip
-                    times.append(time.perf_counter() - t0)
-                    shutil.rmtree(scratch)
-            a, b = statistics.median(plain) / n_img, statistics.median(withp) / n_img
-            print(
-                f"{key:7s} {k:3d} {n_img:6d} {n_ent / n_img:11.1f} ({all_ent:5.1f}) {a:12.3f}  "
-                f"{method:10s} "
-                f"{b:10.3f} {b / a:6.1f}x",
-                flush=True,
-            )
+            for pack in (True, False) if args.unpacked else (True,):
+                c = second_pass_cost(lm, layers, corpus, result, k, method, args.images,
+                                     args.batch_size, args.repeats, pack)  # fmt: skip
+                name = method if pack else f"{method}/1"
+                print(
+                    f"{key:7s} {k:3d} {c['images']:6d} {c['entries_per_image']:11.1f} "
+                    f"({c['entries_per_image_all']:5.1f}) {c['plain_s']:12.3f}  {name:10s} "
+                    f"{c['with_s']:10.3f} {c['ratio']:6.1f}x {c['forwards']:9d} "
+                    f"{c['backwards']:9d}",
+                    flush=True,
+                )
 
 
 def _batch_section(args, key, lm, layers, corpus, result) -> None:
