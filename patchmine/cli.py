@@ -219,6 +219,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
             min_inside=args.min_inside,
             jpeg_draft=args.jpeg_draft,
             projection=args.projection,
+            projection_layers=args.projection_layers,
         )
     except KeyboardInterrupt as e:
         ckpt = _mine_checkpoint(args)
@@ -291,6 +292,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         summary = project(
             args.file,
             method=args.method,
+            layers=args.layers,
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
@@ -330,7 +332,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if "allocator" in a:
             print(f"  allocator  {a['allocator']}")
         if "projection" in a:
-            print(f"  projection {a['projection']} (per entry, beside each patch)")
+            only = a.get("projection_layers")
+            where = f"; layers {', '.join(only)}" if only is not None else ""
+            print(f"  projection {a['projection']} (per entry, beside each patch{where})")
         names = r.label_names
         if names is not None:
             count = r.file["labels"]["count"][()]
@@ -555,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store each entry's projection onto its patch: deconvnet (ZFNet), "
         "guided, gradient or none (default none)",
     )
+    p.add_argument(
+        "--projection-layers",
+        type=_layer_list,
+        default=None,
+        metavar="LAYERS",
+        help="comma-separated: only these mined layers get projections (default: all of them; "
+        "deep layers and logits cost the most)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument(
         "--checkpoint-every",
@@ -605,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="result file (.h5), rewritten atomically")
     p.add_argument(
         "--method", default="deconvnet", help="deconvnet (ZFNet, default), guided or gradient"
+    )
+    p.add_argument(
+        "--layers",
+        "-l",
+        type=_layer_list,
+        default=None,
+        help="comma-separated: project only these of the file's layers (the others are left "
+        "without projections; default: all)",
     )
     _run_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")

@@ -325,6 +325,8 @@ def run_tables(miner: Miner) -> tuple[dict, dict, dict | None]:
     }
     if miner.projection is not None:
         attrs["projection"] = miner.projection
+        if miner.projection_subset is not None:
+            attrs["projection_layers"] = miner.projection_subset
     labels = None
     if miner.labels is not None:
         attrs["labels"] = miner.labels.spec

@@ -57,6 +57,7 @@ _SAME = [
     ("labels", "labels (--labels)"),
     ("bottom_k", "bottom-k (--bottom-k)"),
     ("projection", "projection method"),
+    ("projection_layers", "projection layers (--projection-layers)"),
 ]
 
 

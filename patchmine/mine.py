@@ -75,6 +75,7 @@ def mine(
     min_inside: float | None = None,
     jpeg_draft: bool = False,
     projection: str | None = None,
+    projection_layers: Sequence[str] | None = None,
 ) -> MineSummary:
     """Mine the top-k activations of every channel of ``layers`` over a corpus into ``out``.
 
@@ -110,6 +111,10 @@ def mine(
         projection: ``deconvnet``, ``guided``, ``gradient`` or ``none`` (None): store every kept
             entry's projection (`patchmine.projections`), computed in the second pass. Recorded as
             the root attribute ``projection`` (absent for none).
+        projection_layers: the mined layers whose entries get projections (default: all). Each
+            entry costs about a backward pass through the model up to its layer, so on a large
+            model the deep layers and the logits are the slow ones. Recorded as the root attribute
+            ``projection_layers`` when not all.
 
     Returns:
         A summary of the run. Raises UsageError on bad arguments before any work is done.
@@ -157,6 +162,7 @@ def mine(
         min_inside=min_inside,
         jpeg_draft=jpeg_draft,
         projection=projection,
+        projection_layers=projection_layers,
     )
     if ckpt.exists() and force:
         ckpt.unlink()

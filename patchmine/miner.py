@@ -145,6 +145,7 @@ class Miner:
         min_inside: float | None = None,
         jpeg_draft: bool = False,
         projection: str | None = None,
+        projection_layers: Sequence[str] | None = None,
     ):
         self.projection = check_method(projection)
         self.corpus = corpus
@@ -173,6 +174,7 @@ class Miner:
         self.layers, self.shapes, self.fields = chosen.names, chosen.shapes, chosen.fields
         self.nodes = chosen.nodes  # a module name -> the node it means
         self.fmap_hw = chosen.fmap_hw
+        self.projected = self._projected(projection_layers)
         self.model.module.to(self.device)
         lm = self.model
         self.views = chosen.views
@@ -219,6 +221,24 @@ class Miner:
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
 
+    def _projected(self, names: Sequence[str] | None) -> list[str]:
+        """The mined layers that get projections, in mining order (all of them by default)."""
+        if self.projection is None:
+            if names:
+                raise UsageError("--projection-layers needs --projection deconvnet|guided|gradient")
+            return []
+        if not names:
+            return list(self.layers)
+        known = {n: n for n in self.layers} | {node: n for n, node in self.nodes.items()}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(
+                f"--projection-layers names {', '.join(unknown)}, which this run does not mine "
+                f"(it mines {', '.join(self.layers)})"
+            )
+        chosen = {known[n] for n in names}
+        return [n for n in self.layers if n in chosen]
+
     def _barred(self) -> dict[str, torch.Tensor]:
         """node -> (H, W) bool, true where a unit's box has less than ``min_inside`` inside the
         input (such units never compete for the top-k); only nodes that have such units."""
@@ -259,7 +279,13 @@ class Miner:
             "labels": self.labels.digest if self.labels is not None else None,
             "bottom_k": True if self.bottom_k else None,
             "projection": self.projection,
+            "projection_layers": self.projection_subset,
         }
+
+    @property
+    def projection_subset(self) -> list[str] | None:
+        """The layers with projections when not all of them (None: all, or no projections)."""
+        return self.projected if len(self.projected) < len(self.layers) else None
 
     def state_dict(self) -> dict:
         """Plain data (tensors, numbers, strings), as `checkpoints.load_checkpoint` accepts it."""
@@ -479,7 +505,7 @@ class Miner:
         if self.projection is not None:
             projector = Projector(
                 self.model.module,
-                self.layers,
+                self.projected,
                 self.model.mean,
                 self.model.std,
                 self.projection,

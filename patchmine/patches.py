@@ -230,14 +230,14 @@ def second_pass(
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
-    With a ``projector`` (built for the plans' nodes), every entry's projection is computed from
-    the same batch of pixels (batched backwards, see `patchmine.projections.Projector.project`)
+    With a ``projector`` (built for some or all of the plans' nodes), every entry of its nodes has
+    its projection computed from the same batch of pixels (batched backwards, see `patchmine.projections.Projector.project`)
     and cut like its patch.
 
     Returns:
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
-        heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16 or None without a
-        projector) as :class:`Scratch` arrays (files in ``scratch`` when large). P' is the patch
+        heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16, or None without a
+        projector or for a node it was not built for) as :class:`Scratch` arrays (files in ``scratch`` when large). P' is the patch
         size, or the box size when the box is smaller. Unused slots hold the fill color (patch)
         and zeros (heat, projection). Every winner image of every plan (bottom-k ones included) is
         re-forwarded once, and every entry's score verified.
@@ -254,7 +254,7 @@ def second_pass(
         patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         proj = None
-        if projector is not None:
+        if projector is not None and p.name in projector.layers:
             proj = Scratch(scratch / f"{safe}.projection", (c, k, ph, pw, 3), np.float16)
         flat = p.image.reshape(-1)
         unused = np.flatnonzero(flat < 0)
@@ -317,12 +317,12 @@ def second_pass(
         from patchmine.projections import cut_projections
 
         for p in plans:
+            proj = out[p.key][2]
             e, row = entries(p, index)
-            if not len(e):
+            if proj is None or not len(e):
                 continue
             yx = p.yx.reshape(-1, 2)[e]
             bx = boxes(p.field, yx)
-            proj = out[p.key][2]
             ch = e // p.score.shape[1]
             for at, maps in projector.project(pixels, p.name, row, ch, yx, bx):
                 proj.put(e[at], cut_projections(maps, bx[at], p.patch_size))

@@ -97,6 +97,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool, str]]] = {
         "min_inside": ("fraction", False, "share of a unit's field inside the input, 0 < F <= 1"),
         "jpeg_draft": ("bool", False, "decode large JPEGs at reduced scale (faster, not exact)"),
         "projection": ("str", False, "deconvnet, guided, gradient or none: per-entry projections"),
+        "projection_layers": ("strs", False, "the mined layers that get projections (default all)"),
         "batch_size": ("int", False, "batch size"),
         "workers": ("int0", False, "decoding worker processes"),
         "device": ("str", False, "cpu, cuda, ..."),
@@ -159,6 +160,8 @@ class Pipeline:
             s["jpeg_draft"] = True
         if self.mine.get("projection") not in (None, "none"):  # the same
             s["projection"] = self.mine["projection"]
+            if self.mine.get("projection_layers"):
+                s["projection_layers"] = list(self.mine["projection_layers"])
         model = self.mine.get("model") or ""
         if ":" in model and Path(model.rpartition(":")[0]).is_file():
             s["model_file"] = _file_stamp(Path(model.rpartition(":")[0]))

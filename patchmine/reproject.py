@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ def project(
     path: str | os.PathLike,
     method: str = "deconvnet",
     *,
+    layers: Sequence[str] | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "cpu",
@@ -110,6 +112,8 @@ def project(
     Args:
         path: a result file (schema version 1 or 2), rewritten atomically.
         method: ``deconvnet``, ``guided`` or ``gradient`` (see `patchmine.projections`).
+        layers: the file's layers to project (default: all); the others are left without
+            projections (recorded as the root attribute ``projection_layers``).
         batch_size, workers, device: how the winner images are re-read and re-forwarded.
         progress: show a tqdm bar.
 
@@ -146,6 +150,14 @@ def project(
     except (OSError, KeyError, ValueError, TypeError) as e:  # truncated or damaged HDF5
         why = (str(e).splitlines() or [""])[0]
         raise UsageError(f"{path} is damaged or truncated ({type(e).__name__}: {why})") from None
+    every = list(dict.fromkeys(p.name for p in plans))
+    if layers:
+        unknown = [n for n in layers if n not in every]
+        if unknown:
+            raise UsageError(
+                f"{path} has no layer {', '.join(unknown)} (it has {', '.join(every)})"
+            )
+        plans = [p for p in plans if p.name in layers]
     store.check_writable(path, force=True)
     corpus = Corpus(settings["roots"], settings["paths"], settings["root_index"])
     s = settings["input_size"]
@@ -202,12 +214,16 @@ def project(
                 )
             except ScoreMismatch as e:
                 raise UsageError(f"cannot project {path}: {e}") from None
-            layers = {p.key: (cut[p.key][2], projection_attrs(projector, p.name)) for p in plans}
-            store.replace_projections(path, {"projection": method}, layers, stop)
+            cut_layers = {
+                p.key: (cut[p.key][2], projection_attrs(projector, p.name)) for p in plans
+            }
+            subset = [n for n in every if n in names] if len(names) < len(every) else None
+            root = {"projection": method, "projection_layers": subset}
+            store.replace_projections(path, root, cut_layers, stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     winners = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans])))
     return (
-        f"added {method} projections to {path} ({len(plans)} layers, {winners} winner images, "
+        f"added {method} projections to {path} ({len(names)} layers, {winners} winner images, "
         f"{time.perf_counter() - t0:.1f}s)"
     )

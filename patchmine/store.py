@@ -64,8 +64,12 @@ _GZIP = 1
 
 
 def _set_attrs(obj: h5py.HLObject, attrs: dict) -> None:
+    """Set ``attrs`` on ``obj``; a value of None deletes the attribute."""
     for key, value in attrs.items():
-        if isinstance(value, str):
+        if value is None:
+            if key in obj.attrs:
+                del obj.attrs[key]
+        elif isinstance(value, str):
             obj.attrs.create(key, value, dtype=_STR)
         elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
             obj.attrs.create(key, list(value), dtype=_STR)
@@ -354,7 +358,7 @@ def replace_projections(
     datasets of the layers are dropped. The new file replaces ``path`` only when complete.
 
     Args:
-        root_attrs: root attributes to set (or overwrite), e.g. ``projection``.
+        root_attrs: root attributes to set (or overwrite; None: delete), e.g. ``projection``.
         layers: node name (``NAME/bottom`` for a bottom-k) -> (projection (C, k, P, P, 3)
             float16, indexable by channel; its dataset attributes). Others keep no projection.
 

@@ -156,6 +156,69 @@ def test_merge_refuses_mixed_projections(tmp_path, corpus, tiny_model):
         merge([a, b], tmp_path / "all.h5")
 
 
+def _same_layers(a: Path, b: Path, names) -> None:
+    """Every dataset of the layers ``names`` is the same in files ``a`` and ``b``."""
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for name in names:
+            ga, gb = fa["layers"][name], fb["layers"][name]
+            assert set(ga) == set(gb), name
+            for key, ds in ga.items():
+                if isinstance(ds, h5py.Dataset):
+                    np.testing.assert_array_equal(ds[()], gb[key][()], err_msg=f"{name}/{key}")
+
+
+def test_projection_layers_subset(tmp_path, corpus, tiny_model, mined, capsys):
+    """--projection-layers: only those layers get projections, the very ones a run projecting
+    every layer stores; the others equal a run without projections; recorded and shown by info."""
+    out = tmp_path / "some.h5"
+    kw = _settings(tiny_model, projection="deconvnet")
+    mine([corpus], out, projection_layers=["add", "pool"], **kw)
+    _same_layers(mined("deconvnet"), out, ["pool", "add"])
+    _same_layers(mined("none"), out, ["conv2", "head"])
+    with store.open_result(out) as r:
+        assert r.attrs["projection"] == "deconvnet"
+        assert r.attrs["projection_layers"] == ["pool", "add"]  # in mining order
+        assert r.layer("conv2").projection(0) is None
+    assert main(["info", str(out)]) == 0
+    assert "deconvnet (per entry, beside each patch; layers pool, add)" in capsys.readouterr().out
+
+
+def test_projection_layers_errors(tmp_path, corpus, tiny_model, capsys):
+    args = ["mine", str(corpus), "--out", str(tmp_path / "x.h5"), "--model", tiny_model, "-q"]
+    args += ["--weights", "none", "--layers", "pool,add"]
+    assert main([*args, "--projection-layers", "pool"]) == 2
+    assert "needs --projection" in capsys.readouterr().err
+    assert main([*args, "--projection", "guided", "--projection-layers", "conv2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "conv2" in err and "pool, add" in err, err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_project_layers_subset_then_all(tmp_path, mined, capsys):
+    """`project --layers` projects only those layers (as mining them with projections does) and
+    records them; a later `project` of every layer drops the record."""
+    out = tmp_path / "p.h5"
+    shutil.copy(mined("none"), out)
+    assert main(["project", str(out), "--layers", "head,conv2", "-j", "0", "-q"]) == 0
+    _same_layers(mined("deconvnet"), out, ["conv2", "head"])
+    _same_layers(mined("none"), out, ["pool", "add"])
+    with store.open_result(out) as r:
+        assert r.attrs["projection_layers"] == ["conv2", "head"]
+    assert main(["project", str(out), "--layers", "nope", "-q"]) == 2
+    assert "no layer nope" in capsys.readouterr().err
+    assert main(["project", str(out), "-j", "0", "-q"]) == 0
+    assert_same_file(mined("deconvnet"), out)
+
+
+def test_merge_refuses_different_projection_layers(tmp_path, corpus, tiny_model):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    kw = _settings(tiny_model, projection="deconvnet")
+    mine([corpus], a, shard=(0, 2), projection_layers=["pool"], **kw)
+    mine([corpus], b, shard=(1, 2), **kw)
+    with pytest.raises(UsageError, match="projection layers"):
+        merge([a, b], tmp_path / "all.h5")
+
+
 @pytest.mark.parametrize("method", ["deconvnet", "guided"])
 def test_project_equals_mining_with_them(tmp_path, mined, method):
     """`patchmine project` on a file mined without projections (or with another method) gives
@@ -252,6 +315,8 @@ def test_pipeline_key(tmp_path):
     body = '[corpus]\npaths = ["c"]\n[mine]\nout = "o.h5"\nprojection = "{}"\n'
     toml.write_text(body.format("guided"))
     assert load_pipeline(toml).mine["projection"] == "guided"
+    toml.write_text(body.format("guided") + 'projection_layers = ["a", "b"]\n')
+    assert load_pipeline(toml).mine["projection_layers"] == ["a", "b"]
     toml.write_text(body.format("guide"))
     with pytest.raises(UsageError, match="deconvnet, guided, gradient or none"):
         load_pipeline(toml)

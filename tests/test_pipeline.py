@@ -241,6 +241,7 @@ def test_shipped_pipelines_are_valid():
     assert demo.result == ROOT / "out/demo.h5" and alexnet.result == ROOT / "out/alexnet.h5"
     shapes = node_shapes(efficientnet_lite0(224, weights=None), 224)
     assert set(demo.mine["layers"]) <= set(shapes)
+    assert set(demo.mine["projection_layers"]) <= set(demo.mine["layers"])
     assert alexnet.mine["layers"] == [f"features.{i}" for i in (1, 4, 7, 9, 11, 12)]
 
 
