@@ -231,16 +231,17 @@ def second_pass(
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
     With a ``projector`` (built for some or all of the plans' nodes), every entry of its nodes has
-    its projection computed from the same batch of pixels (batched backwards, see `patchmine.projections.Projector.project`)
-    and cut like its patch.
+    its projection computed from the same batch of pixels (batched backwards, see
+    `patchmine.projections.Projector.project`) and cut like its patch.
 
     Returns:
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
         heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16, or None without a
-        projector or for a node it was not built for) as :class:`Scratch` arrays (files in ``scratch`` when large). P' is the patch
-        size, or the box size when the box is smaller. Unused slots hold the fill color (patch)
-        and zeros (heat, projection). Every winner image of every plan (bottom-k ones included) is
-        re-forwarded once, and every entry's score verified.
+        projector or for a node it was not built for) as :class:`Scratch` arrays (files in
+        ``scratch`` when large). P' is the patch size, or the box size when the box is smaller.
+        Unused slots hold the fill color (patch) and zeros (heat, projection). Every winner image
+        of every plan (bottom-k ones included) is re-forwarded once, and every entry's score
+        verified.
     """
     device = torch.device(device)
     out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}

@@ -37,6 +37,7 @@ def test_parse_and_describe():
 
 
 def test_opt_out_leaves_malloc_alone(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)  # as in a fresh process (tests call main())
     monkeypatch.setenv(allocator.ENV, "default")
     monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: pytest.fail("mallopt reached"))
     assert allocator.tune_allocator() == "default"
