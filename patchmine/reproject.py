@@ -217,7 +217,7 @@ def project(
             cut_layers = {
                 p.key: (cut[p.key][2], projection_attrs(projector, p.name)) for p in plans
             }
-            subset = [n for n in every if n in names] if len(names) < len(every) else None
+            subset = names if len(names) < len(every) else None  # in the file's order
             root = {"projection": method, "projection_layers": subset}
             store.replace_projections(path, root, cut_layers, stop)
     finally:
