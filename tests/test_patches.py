@@ -25,14 +25,13 @@ def reference_cut(pixels, rows, box, patch_size, fill):
         return out.permute(0, 2, 3, 1)
     fy, fx = patch_size / h, patch_size / w
     used, where = np.unique(rows, return_inverse=True)
-    small = F.interpolate(
-        pixels[torch.from_numpy(used)].float(),
+    small = F.interpolate(  # torch's uint8 kernel, as torchvision's Resize on uint8 tensors
+        pixels[torch.from_numpy(used)].contiguous(memory_format=torch.channels_last),
         size=(max(1, round(s * fy)), max(1, round(s * fx))),
         mode="bilinear",
         antialias=True,
         align_corners=False,
     )
-    small = small.round_().clamp_(0, 255).to(torch.uint8)
     sh, sw = small.shape[-2:]
     out = color.expand(m, 3, patch_size, patch_size).clone()
     for i, (u, y0, x0) in enumerate(
@@ -75,6 +74,8 @@ def test_cut_patches_matches_reference(size, box_hw, patch_size):
     got = cut_patches(pixels, rows, box, patch_size, fill)
     assert got.shape == want.shape and got.dtype == torch.uint8
     assert torch.equal(got, want)
+    nhwc = pixels.contiguous(memory_format=torch.channels_last)  # as the second pass holds them
+    assert torch.equal(cut_patches(nhwc, rows, box, patch_size, fill), want)
     one = cut_patches(pixels, rows[:1], box[:1], patch_size, fill)  # a single patch
     assert torch.equal(one, want[:1])
 
@@ -93,3 +94,17 @@ def test_scratch_put_take_read(tmp_path, in_memory):
         assert np.array_equal(s[c], ref[c])
     assert np.array_equal(s.take(np.asarray([11, 0, 6])), ref.reshape(-1, 5, 2)[[11, 0, 6]])
     s.close()
+
+
+def test_resampled_patch_is_pillows_resize():
+    """A whole-image patch shrunk to P is what Pillow's bilinear resize gives, within one level."""
+    from PIL import Image
+
+    g = np.random.default_rng(3)
+    smooth = F.interpolate(torch.from_numpy(g.random((1, 3, 28, 28))), size=(224, 224))
+    pixels = (smooth * 255).round().to(torch.uint8)  # a photo-like image: smooth, with edges
+    box = np.array([[0, 0, 224, 224]])
+    got = cut_patches(pixels, np.zeros(1, np.int64), box, 96, (0, 0, 0))[0].numpy()
+    pil = Image.fromarray(pixels[0].permute(1, 2, 0).numpy()).resize((96, 96), Image.BILINEAR)
+    diff = np.abs(got.astype(int) - np.asarray(pil, int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -501,7 +501,7 @@ def test_cut_matches_patch_geometry():
     patch = cut_patches(image, np.array([0, 0]), big, 32, (0, 0, 0)).numpy().astype(np.float32)
     cut = cut_projections(image.float().expand(2, -1, -1, -1), big, 32).astype(np.float32)
     assert cut.shape == (2, 32, 32, 3)
-    assert np.abs(cut - patch).max() <= 0.5 + 0.25  # uint8 rounding, float16 storage
+    assert np.abs(cut - patch).max() <= 1 + 0.25  # the uint8 kernel's fixed point, float16
     white = torch.full((1, 3, S, S), 255, dtype=torch.uint8)
     outside = cut_patches(white, np.array([0, 0]), big, 32, (0, 0, 0)).numpy() == 0
     assert outside.any() and (~outside).any()
