@@ -10,6 +10,7 @@ stops the run (`patchmine.interrupts`), and under torchrun combines the ranks' f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -179,7 +180,7 @@ def mine(
     def save() -> None:
         save_checkpoint(ckpt, miner.state_dict())
 
-    with StopFlag() as stop_flag:
+    with contextlib.closing(miner), StopFlag() as stop_flag:
         t1 = time.perf_counter()
         if miner.cursor < miner.span.stop:
             miner.first_pass(batch_size, workers, progress, stop_flag, save, checkpoint_every)

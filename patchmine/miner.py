@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from patchmine import contents, distributed, store
 from patchmine.bottomk import BottomK
 from patchmine.checkpoints import check_resumable
-from patchmine.corpus import Corpus, CorpusDataset, make_loader, printable
+from patchmine.corpus import Corpus, CorpusLoader, printable
 from patchmine.errors import UsageError, differences
 from patchmine.geometry import inside_fraction
 from patchmine.labels import ClassMeans, layer_channel_names
@@ -220,6 +220,7 @@ class Miner:
         self.shape = np.zeros((n, 2), dtype=np.int32)
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
+        self._loader: tuple[tuple[int, int], CorpusLoader] | None = None  # both passes' workers
 
     def _projected(self, names: Sequence[str] | None) -> list[str]:
         """The mined layers that get projections, in mining order (all of them by default)."""
@@ -344,18 +345,7 @@ class Miner:
         if self.cursor >= self.span.stop:
             return
         dev = self.device
-        loader = make_loader(
-            CorpusDataset(
-                self.corpus,
-                self.input_size,
-                range(self.cursor, self.span.stop),
-                self.resize,
-                self.jpeg_draft,
-            ),
-            batch_size,
-            workers,
-            pin_memory=dev.type == "cuda",
-        )
+        loader = self.loader(batch_size, workers).batches(range(self.cursor, self.span.stop))
         bar = tqdm(
             total=len(self.span),
             initial=self.cursor - self.span.start,
@@ -388,6 +378,23 @@ class Miner:
                     raise KeyboardInterrupt
                 if checkpoint and checkpoint_every and batches % checkpoint_every == 0:
                     checkpoint()
+
+    def loader(self, batch_size: int, workers: int) -> CorpusLoader:
+        """The corpus loader of this run: one set of worker processes for both passes."""
+        key = (batch_size, workers)
+        if self._loader is None or self._loader[0] != key:
+            cuda = self.device.type == "cuda"
+            made = CorpusLoader(
+                self.corpus, self.input_size, self.resize, self.jpeg_draft, *key, cuda
+            )
+            self._loader = key, made
+        return self._loader[1]
+
+    def close(self) -> None:
+        """End the loader's worker processes (`finish` does; so does `mine`, however it stops)."""
+        if self._loader is not None:
+            self._loader[1].close()
+            self._loader = None
 
     @torch.inference_mode()
     def collect(self, acts: dict[str, torch.Tensor], index: torch.Tensor) -> None:
@@ -529,7 +536,9 @@ class Miner:
                 resize=self.resize,
                 jpeg_draft=self.jpeg_draft,
                 projector=projector,
+                loader=self.loader(batch_size, workers),
             )
+            self.close()  # the workers are done: they end before the write
             if team is not None:
                 team.collect(own, cut)
             t1 = time.perf_counter()
@@ -543,6 +552,7 @@ class Miner:
             t2 = time.perf_counter()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            self.close()
         rows = range(self.start, self.stop) if writes else self.span  # a helper rank: its own
         failed = [j for j in rows if not self.ok[j]]
         return MineSummary(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchmine.corpus import Corpus, CorpusDataset, make_loader
+from patchmine.corpus import Corpus, CorpusLoader
 from patchmine.geometry import Field, boxes
 
 if TYPE_CHECKING:
@@ -229,10 +229,12 @@ def second_pass(
     resize: int | None = None,
     jpeg_draft: bool = False,
     projector: Projector | None = None,
+    loader: CorpusLoader | None = None,
 ) -> dict[str, tuple[Scratch, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
-    ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`).
+    ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`);
+    a ``loader`` (the first pass's, with its workers) replaces them, ``batch_size`` and ``workers``.
     With a ``projector`` (built for some or all of the plans' nodes), every entry of its nodes has
     its projection computed from the same batch of pixels (batched backwards, see
     `patchmine.projections.Projector.project`) and cut like its patch.
@@ -273,12 +275,10 @@ def second_pass(
     ids = sorted(winners)
     if not ids:
         return out
-    loader = make_loader(
-        CorpusDataset(corpus, input_size, ids, resize, jpeg_draft),
-        batch_size,
-        workers,
-        pin_memory=device.type == "cuda",
-    )
+    if loader is None:
+        loader = CorpusLoader(
+            corpus, input_size, resize, jpeg_draft, batch_size, workers, device.type == "cuda"
+        )
 
     def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's flat entries whose image is in the batch, and their rows in it."""
@@ -334,7 +334,7 @@ def second_pass(
     from tqdm.auto import tqdm  # imported where used: startup
 
     bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
-    for batch in loader:
+    for batch in loader.batches(ids):
         if should_stop():
             raise KeyboardInterrupt
         bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]

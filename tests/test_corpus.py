@@ -6,12 +6,20 @@ import io
 
 import numpy as np
 import pytest
+import torch
 import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms.functional import _compute_resized_output_size
 
 from patchmine import corpus as corpus_module
-from patchmine.corpus import CorpusDataset, discover, load_rgb, make_loader, preprocess
+from patchmine.corpus import (
+    CorpusDataset,
+    CorpusLoader,
+    discover,
+    load_rgb,
+    make_loader,
+    preprocess,
+)
 from patchmine.errors import UsageError
 from patchmine.receptive import to_input, to_original
 from tests.conftest import SHARED_CORPUS
@@ -158,6 +166,27 @@ def test_bad_files_are_recorded_and_skipped(tmp_path):
     batches = list(make_loader(ds, batch_size=2, workers=2))
     assert [int(i) for b in batches for i in b["index"]] == list(range(5))
     assert [bool(o) for b in batches for o in b["ok"]] == [True, False, False, False, True]
+
+
+def test_corpus_loader_serves_every_pass_from_the_same_workers(tmp_path):
+    """The second pass reuses the first pass's workers (no fork from a process full of
+    activations), and each pass gets exactly the images asked for, in the order asked."""
+    import multiprocessing
+
+    for i in range(6):
+        _photo(40 + i, 50, i).save(tmp_path / f"{i}.png")
+    corpus = discover([tmp_path])
+    ds = CorpusDataset(corpus, 32)
+    loader = CorpusLoader(corpus, 32, batch_size=4, workers=2)
+    before, seen = {p.pid for p in multiprocessing.active_children()}, []
+    for want in (range(6), [5, 1, 3], [2]):
+        got = list(loader.batches(want))
+        assert [int(i) for b in got for i in b["index"]] == list(want)
+        pixels = torch.cat([b["pixels"] for b in got])
+        assert torch.equal(pixels, torch.stack([ds[i]["pixels"] for i in want]))
+        seen.append({p.pid for p in multiprocessing.active_children()} - before)
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    loader.close()
 
 
 def test_huge_extreme_aspect_stays_cheap():

@@ -531,6 +531,25 @@ def test_signal_leaves_checkpoint_and_resume_is_exact(
     assert_same_file(ref, out)
 
 
+def test_failed_run_leaves_no_worker_processes(tmp_path, fault_corpus, tiny_model, monkeypatch):
+    """The loader's workers live for both passes; a run that fails in its first pass ends them,
+    even while its traceback (a notebook's last error) still holds the run's frames."""
+    import multiprocessing
+
+    from patchmine.mine import mine
+
+    def broken(*a, **kw):
+        raise RuntimeError("collector broke")
+
+    corpus, _ = fault_corpus
+    before = {p.pid for p in multiprocessing.active_children()}
+    monkeypatch.setattr(__import__("patchmine.miner").miner.TopK, "add", broken)
+    with pytest.raises(RuntimeError, match="collector broke") as kept:
+        mine([corpus], tmp_path / "run.h5", model=tiny_model, k=4, workers=2, progress=False)
+    assert kept.tb is not None  # the frames, and the run's objects, are still referenced
+    assert {p.pid for p in multiprocessing.active_children()} <= before
+
+
 def test_second_signal_stops_at_once(tmp_path, fault_corpus, tiny_model, monkeypatch, capsys):
     """Ctrl-C twice: the second one does not wait for the batch; the last checkpoint survives."""
     corpus, ref = fault_corpus
