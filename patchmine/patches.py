@@ -10,6 +10,7 @@ large, so memory stays bounded by one batch however large a layer is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections.abc import Callable
@@ -275,7 +276,8 @@ def second_pass(
     ids = sorted(winners)
     if not ids:
         return out
-    if loader is None:
+    made = loader is None  # ours to close: its persistent workers would outlive the pass
+    if made:
         loader = CorpusLoader(
             corpus, input_size, resize, jpeg_draft, batch_size, workers, device.type == "cuda"
         )
@@ -334,21 +336,22 @@ def second_pass(
     from tqdm.auto import tqdm  # imported where used: startup
 
     bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
-    for batch in loader.batches(ids):
-        if should_stop():
-            raise KeyboardInterrupt
-        bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
-        if bad:
-            raise ScoreMismatch(
-                f"winner image {corpus.file(bad[0])} can no longer be read "
-                f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
-            )
-        index = batch["index"].numpy()
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        cpu = batch["pixels"].contiguous(memory_format=torch.channels_last)  # cut as NHWC rows
-        fill_batch(tap(pixels), index, cpu)
-        if projector is not None:
-            project_batch(index, pixels)
-        bar.update(len(index))
+    with contextlib.closing(loader) if made else contextlib.nullcontext():
+        for batch in loader.batches(ids):
+            if should_stop():
+                raise KeyboardInterrupt
+            bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
+            if bad:
+                raise ScoreMismatch(
+                    f"winner image {corpus.file(bad[0])} can no longer be read "
+                    f"({batch['error'][int(np.flatnonzero(~batch['ok'].numpy())[0])]})"
+                )
+            index = batch["index"].numpy()
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            cpu = batch["pixels"].contiguous(memory_format=torch.channels_last)  # cut as NHWC rows
+            fill_batch(tap(pixels), index, cpu)
+            if projector is not None:
+                project_batch(index, pixels)
+            bar.update(len(index))
     bar.close()
     return out
