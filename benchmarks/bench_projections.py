@@ -177,6 +177,7 @@ def second_pass_cost(lm, layers, corpus, result: Path, k: int, method: str = "de
             times[projected].append(time.perf_counter() - t0)
             shutil.rmtree(scratch)
     pairs = [b / a for a, b in zip(times[False], times[True], strict=True)]
+    whole, floor, share = backward_floor(proj, corpus, plans, repeats)
     return {
         "k": k,
         "method": method,
@@ -191,7 +192,58 @@ def second_pass_cost(lm, layers, corpus, result: Path, k: int, method: str = "de
         "ratio_max": max(pairs),
         "forwards": proj.forwards // repeats,
         "backwards": proj.backwards // repeats,
+        "whole_per_image": whole / max(n_img, 1),
+        "floor_s": floor / max(n_img, 1),
+        "share_s": share / max(n_img, 1),
     }
+
+
+def _box_share(p: LayerPlan, size: int = 224) -> np.ndarray:
+    """The plan's used entries' boxes, clipped to the input, as fractions of its area; 1.0 for a
+    whole-input field."""
+    e = np.flatnonzero(p.image.reshape(-1) >= 0)
+    if p.field.whole:
+        return np.ones(len(e))
+    b = np.clip(boxes(p.field, p.yx.reshape(-1, 2)[e]).astype(np.int64), 0, size)
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / size**2
+
+
+def backward_floor(proj: Projector, corpus, plans: list[LayerPlan], repeats: int = 3,
+                   rows: int = 16) -> tuple[int, float, float]:  # fmt: skip
+    """What the entries' backwards cost at least: (entries whose field is the whole input, the
+    seconds their backwards take, the seconds every entry's backward takes if it cost only its
+    box's share of a whole-image backward).
+
+    One backward of the graph cut at a node, over a whole image, is timed as
+    ``torch.autograd.grad`` on ``rows`` stacked copies of a winner image (the forward not
+    counted), per row, median of ``repeats``. Whole-input entries cost at least that each: no two
+    can share a backward (their maps overlap everywhere) and none can run on a smaller input. The
+    box share is an estimate, not a bound: it supposes a backward restricted to the box.
+    """
+    whole, floor, share = 0, 0.0, 0.0
+    for p in plans:
+        part = _box_share(p)
+        if not len(part):
+            continue
+        k = p.score.shape[1]
+        first = int(np.flatnonzero(p.image.reshape(-1) >= 0)[0])
+        c, (y, x) = first // k, p.yx.reshape(-1, 2)[first]
+        one = CorpusDataset(corpus, 224, [int(p.image.reshape(-1)[first])])[0]["pixels"]
+        with torch.enable_grad():
+            leaf, _, act = proj._forward(one.expand(rows, -1, -1, -1), p.name)  # bench-only use
+            seed = torch.zeros_like(act)
+            if act.ndim == 4:
+                seed[:rows, c, y, x] = 1
+            else:
+                seed[:rows, c] = 1
+            t = _time(lambda a=act, i=leaf, g=seed: torch.autograd.grad(a, i, g, retain_graph=True),
+                      repeats)  # fmt: skip
+        one_backward = statistics.median(t) / rows
+        n_whole = int((part >= 1.0).sum())
+        whole += n_whole
+        floor += n_whole * one_backward
+        share += float(part.sum()) * one_backward
+    return whole, floor, share
 
 
 def _second_pass_section(args, key, lm, layers, corpus, result) -> None:
