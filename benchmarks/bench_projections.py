@@ -198,10 +198,9 @@ def second_pass_cost(lm, layers, corpus, result: Path, k: int, method: str = "de
     }
 
 
-def _box_share(p: LayerPlan, size: int = 224) -> np.ndarray:
-    """The plan's used entries' boxes, clipped to the input, as fractions of its area; 1.0 for a
-    whole-input field."""
-    e = np.flatnonzero(p.image.reshape(-1) >= 0)
+def _box_share(p: LayerPlan, e: np.ndarray, size: int = 224) -> np.ndarray:
+    """The boxes of the plan's flat entries ``e``, clipped to the input, as fractions of its
+    area; 1.0 for a whole-input field."""
     if p.field.whole:
         return np.ones(len(e))
     b = np.clip(boxes(p.field, p.yx.reshape(-1, 2)[e]).astype(np.int64), 0, size)
@@ -222,11 +221,12 @@ def backward_floor(proj: Projector, corpus, plans: list[LayerPlan], repeats: int
     """
     whole, floor, share = 0, 0.0, 0.0
     for p in plans:
-        part = _box_share(p)
-        if not len(part):
+        used = np.flatnonzero(p.image.reshape(-1) >= 0)
+        if not len(used):
             continue
+        part = _box_share(p, used)
         k = p.score.shape[1]
-        first = int(np.flatnonzero(p.image.reshape(-1) >= 0)[0])
+        first = int(used[0])
         c, (y, x) = first // k, p.yx.reshape(-1, 2)[first]
         one = CorpusDataset(corpus, 224, [int(p.image.reshape(-1)[first])])[0]["pixels"]
         with torch.enable_grad():

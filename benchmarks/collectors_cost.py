@@ -5,7 +5,7 @@ collectors' own work bounds how close patchmine's streaming can come to it. `ben
 times them in process on ready batches (3-4% of AlexNet's forward); here they run as in `mine`,
 beside the DataLoader worker that decodes the next batch, against the same run with
 `Miner.collect` replaced by a no-op (the file it writes is then empty: only the time counts).
-Alternated rounds; first-pass seconds from `mine`'s summary.
+One untimed warm-up run, then alternated rounds; first-pass seconds from `mine`'s summary.
 
     python benchmarks/collectors_cost.py --corpus ../shared/corpus/imagenet-sample-500 --rounds 5
 """
@@ -17,11 +17,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench import ALEXNET  # section 5's AlexNet nodes; bench puts the repository on sys.path
+
 from patchmine.allocator import tune_allocator
 from patchmine.corpus import discover
-
-LAYERS = {"alexnet": ["features.1", "features.4", "features.7", "features.9", "features.11",
-                      "features.12"]}  # fmt: skip
 
 
 def main() -> None:
@@ -43,9 +42,10 @@ def main() -> None:
     listing = work / "list.txt"
     listing.write_text("\n".join(files * args.repeat) + "\n")
     if args.model == "alexnet":
-        model = {"model": "alexnet", "weights": "none", "layers": LAYERS["alexnet"]}
+        model = dict(zip(("model", "weights", "layers"), ALEXNET, strict=True))
     else:
         model = {}
+    mine([listing], work / "out.h5", force=True, progress=False, k=1, **model)  # warm-up, untimed
     collect = M.Miner.collect
     seconds: dict[str, list[float]] = {"with": [], "without": []}
     for r in range(args.rounds):
