@@ -50,7 +50,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from patchmine.errors import UnknownNameError
 from patchmine.patches import cut_patches
-from patchmine.taps import BATCH_MULTIPLE
+from patchmine.taps import BATCH_MULTIPLE, run_channels_last
 
 __all__ = [
     "METHODS",
@@ -314,6 +314,7 @@ class Projector:
         self.views = {n: views[n] for n in self.layers if n in (views or {})}
         self._graphs: dict[str, tuple[fx.GraphModule, int]] = {}
         self._packable: dict[str, bool] = {}
+        self._channels_last: dict[str, bool | None] = {}  # each node's cut graph: as the Tap
         self.pack = pack
         self.n_modified = 0
         self.forwards = self.backwards = 0
@@ -370,7 +371,10 @@ class Projector:
         pad = -n % BATCH_MULTIPLE  # as the Tap pads: kernels pick code paths by batch size
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-        out = self._graph(node)(x)[self._tapped(node)]
+        out, self._channels_last[node] = run_channels_last(
+            self._graph(node), x, self._channels_last.get(node)
+        )
+        out = out[self._tapped(node)]
         return leaf, scale, self.views[node](out) if node in self.views else out
 
     def activations(self, pixels: torch.Tensor, node: str) -> torch.Tensor:
