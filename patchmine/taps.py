@@ -555,15 +555,11 @@ class Tap(nn.Module):
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         outs = [self._extract(part) for part in x.split(chunk)]
         last = n - chunk * (len(outs) - 1)  # real images in the last chunk
-        views = self.views
-        return {
-            k: (
-                views[k](_rows(outs, views[k].node, last)) if k in views else _rows(outs, k, last)
-            )
-            .float()
-            .contiguous()
-            for k in self.layers
-        }
+        views, acts = self.views, {}
+        for k in self.layers:
+            a = views[k](_rows(outs, views[k].node, last)) if k in views else _rows(outs, k, last)
+            acts[k] = a.float().contiguous()
+        return acts
 
     def _extract(self, part: torch.Tensor) -> dict[str, torch.Tensor]:
         out, self.channels_last = run_channels_last(self.extractor, part, self.channels_last)
