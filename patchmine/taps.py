@@ -18,7 +18,7 @@ import inspect
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -522,7 +522,7 @@ class Tap(nn.Module):
     graph node to tap and how to turn its output into such a map.
     ``channels_last`` is the memory format the model runs in on CPU: ``None`` (the default) tries
     channels-last on the first chunk and keeps NCHW if the cut model cannot take it (see
-    `_extract`); ``True`` or ``False`` fixes it. The output is contiguous (NCHW) either way.
+    `run_channels_last`); ``True`` or ``False`` fixes it. The output is contiguous (NCHW) either way.
     """
 
     def __init__(
@@ -566,7 +566,9 @@ class Tap(nn.Module):
         return out
 
 
-def run_channels_last(module: nn.Module, x: torch.Tensor, choice: bool | None):
+def run_channels_last(
+    module: nn.Module, x: torch.Tensor, choice: bool | None
+) -> tuple[Any, bool | None]:
     """``(module(x), choice)``, run on CPU in channels-last memory format unless ``choice`` is False.
 
     On CPU a forward runs 1.3-1.5x faster channels-last than NCHW (oneDNN's convolutions and
