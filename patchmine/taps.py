@@ -548,9 +548,7 @@ class Tap(nn.Module):
         n = pixels.shape[0]
         chunk = chunk_size(pixels.device)
         pad = -n % chunk
-        if pixels.device.type == "cpu" and self.channels_last is not False:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)  # run_channels_last
-        x = (pixels.float() - self.mean) / self.std  # keeps the memory format
+        x = (pixels.float() - self.mean) / self.std
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         outs = [self._extract(part) for part in x.split(chunk)]
