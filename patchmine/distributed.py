@@ -10,7 +10,7 @@ the shard, with ``--shard``) into its own collectors, with its own checkpoint. T
    records of every rank are gathered on rank 0 and merged there (``TopK.merge`` /
    ``RunningStats.merge`` / ``ClassMeans.merge``: the exact tie rule holds across ranks); the merged
    winners (channels x k per layer, top and bottom) are broadcast to every rank.
-2. ``own``: the distinct winner images, sorted, are dealt round-robin to the ranks; each rank
+2. ``own``: the distinct winner files, sorted, are dealt round-robin to the ranks; each rank
    re-forwards only its own and cuts their patches and heat maps.
 3. ``collect``: the patches and heat maps are gathered on rank 0 in chunks of bounded size, and rank
    0 writes the one result file, identical to a single-process run.
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from patchmine.corpus import Corpus
 from patchmine.errors import UsageError
-from patchmine.patches import LayerPlan, Scratch
+from patchmine.patches import LayerPlan, Scratch, winner_files
 
 __all__ = ["Team", "launched", "from_env"]
 
@@ -108,15 +109,15 @@ class Team:
                 for n, c in getattr(miner, kind).items():
                     c.load_state_dict(winners[0][kind][n])
 
-    def own(self, plans: list[LayerPlan]) -> list[LayerPlan]:
+    def own(self, plans: list[LayerPlan], corpus: Corpus) -> list[LayerPlan]:
         """The plans restricted to this rank's winner images (the others' entries unused: -1).
 
-        The distinct winner images of all layers, sorted, are dealt round-robin to the ranks, so
-        every rank re-reads about the same number of images and each image is read once.
+        The distinct winner files of all layers (`patchmine.patches.winner_files`), sorted, are
+        dealt round-robin to the ranks with all their copies, so every rank re-reads about the
+        same number of images and each file is read once.
         """
-        used = [p.image[p.image >= 0] for p in plans]
-        ids = np.unique(np.concatenate(used)) if used else np.zeros(0, np.int64)
-        mine = ids[self.rank :: self.world]
+        ids, first = winner_files(corpus, plans)
+        mine = ids[np.isin(first, np.unique(first)[self.rank :: self.world])]
         return [
             dataclasses.replace(p, image=np.where(np.isin(p.image, mine), p.image, -1))
             for p in plans

@@ -36,7 +36,7 @@ from patchmine.geometry import inside_fraction
 from patchmine.labels import ClassMeans, layer_channel_names
 from patchmine.maps import Maps, reduce_maps
 from patchmine.models import load_model
-from patchmine.patches import LayerPlan, second_pass
+from patchmine.patches import LayerPlan, second_pass, winner_files
 from patchmine.projections import Projector, check_method
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
@@ -504,7 +504,7 @@ class Miner:
         """
         fill = tuple(int(round(m * 255)) for m in self.model.mean)
         plans = self.plans()
-        own = team.own(plans) if team is not None else plans
+        own = team.own(plans, self.corpus) if team is not None else plans
         writes = team is None or team.leader
         where = out.parent if writes else None
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".scratch", dir=where))
@@ -564,7 +564,7 @@ class Miner:
             seconds=0.0,
             second_pass_seconds=t1 - t0,
             write_seconds=t2 - t1,
-            winner_images=len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans]))),
+            winner_images=len(np.unique(winner_files(self.corpus, plans)[1])),
         )
 
 

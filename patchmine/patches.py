@@ -213,6 +213,19 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
 _CHUNK = 1024  # patches cut at a time
 
 
+def winner_files(corpus: Corpus, plans: list[LayerPlan]) -> tuple[np.ndarray, np.ndarray]:
+    """The plans' distinct winner images, sorted, and for each the first of them naming the same file.
+
+    A file list may name a file more than once; its copies tie, so several can win one channel.
+    The second pass reads and forwards each file once and fills the entries of all its copies.
+    """
+    used = [p.image[p.image >= 0] for p in plans]
+    ids = np.unique(np.concatenate(used)) if used else np.zeros(0, np.int64)
+    seen: dict[Path, int] = {}
+    first = np.array([seen.setdefault(corpus.file(i), i) for i in ids.tolist()], np.int64)
+    return ids, first
+
+
 @torch.inference_mode()
 def second_pass(
     tap: Callable[[torch.Tensor], dict[str, torch.Tensor]],
@@ -245,14 +258,14 @@ def second_pass(
         heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16, or None without a
         projector or for a node it was not built for) as :class:`Scratch` arrays (files in
         ``scratch`` when large). P' is the patch size, or the box size when the box is smaller.
-        Unused slots hold the fill color (patch) and zeros (heat, projection). Every winner image
-        of every plan (bottom-k ones included) is re-forwarded once, and every entry's score
-        verified.
+        Unused slots hold the fill color (patch) and zeros (heat, projection). Every winner file
+        of every plan (bottom-k ones included) is re-forwarded once (see `winner_files`), and
+        every entry's score verified.
     """
     device = torch.device(device)
     out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    winners: set[int] = set()
+    ids, first = winner_files(corpus, plans)
     for p in plans:
         c, k = p.score.shape
         rh, rw = p.field.size
@@ -270,10 +283,10 @@ def second_pass(
             patch.put(unused, color)
         out[p.key] = (patch, heat, proj)
         entries = np.flatnonzero(flat >= 0)
-        order = entries[np.argsort(flat[entries], kind="stable")]
-        owners[p.key] = (flat[order], order)  # sorted image ids, flat (c*k + slot) entry ids
-        winners.update(np.unique(flat[entries]).tolist())
-    ids = sorted(winners)
+        read = first[np.searchsorted(ids, flat[entries])]  # the image forwarded for each entry
+        order = np.argsort(read, kind="stable")
+        owners[p.key] = (read[order], entries[order])  # sorted image ids, flat (c*k + slot) ids
+    ids = np.unique(first).tolist()
     if not ids:
         return out
     made = loader is None  # ours to close: its persistent workers would outlive the pass

@@ -131,7 +131,7 @@ def project(
     from patchmine.interrupts import StopFlag
     from patchmine.mine import _default_workers
     from patchmine.models import load_model
-    from patchmine.patches import ScoreMismatch, second_pass
+    from patchmine.patches import ScoreMismatch, second_pass, winner_files
     from patchmine.projections import Projector, check_method
     from patchmine.taps import Tap, select_layers
 
@@ -222,7 +222,7 @@ def project(
             store.replace_projections(path, root, cut_layers, stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    winners = len(np.unique(np.concatenate([p.image[p.image >= 0] for p in plans])))
+    winners = len(np.unique(winner_files(corpus, plans)[1]))
     return (
         f"added {method} projections to {path} ({len(names)} layers, {winners} winner images, "
         f"{time.perf_counter() - t0:.1f}s)"

@@ -17,6 +17,7 @@ from patchmine.models import load_model
 from patchmine.receptive import receptive_fields
 from patchmine.taps import Tap
 from tests.conftest import (
+    TINY_LAYERS,
     assert_same_file,
     assert_winners,
     popen_cli,
@@ -260,6 +261,63 @@ def test_patches_are_faithful(tmp_path, corpus_dir, tiny_model):
                     assert got == pytest.approx(float(lr.score[ch, slot]), rel=1e-4, abs=1e-5)
                     checked += 1
     assert checked > 20
+
+
+def test_a_listed_file_is_forwarded_once_for_all_its_copies(
+    tmp_path, corpus_dir, tiny_model, monkeypatch
+):
+    """A list naming every file three times: the winners are the brute force's (copies tie, the
+    first wins), the second pass reads each winner file once, and every copy's entry gets its
+    image's heat map and patch; the file does not depend on the batch size."""
+    from patchmine.corpus import CorpusLoader
+    from tests.test_patches import reference_cut
+
+    files = [str(corpus_dir / p) for p in discover([corpus_dir]).paths]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(files + files[::-1] + files) + "\n")
+    layers, size, k = TINY_LAYERS, 64, 6
+    ref, _ = brute_force(tiny_model, layers, size, listing, k, 1)
+    read = []
+    real = CorpusLoader.batches
+
+    def batches(self, indices):
+        read.append([int(i) for i in indices])
+        return real(self, indices)
+
+    monkeypatch.setattr(CorpusLoader, "batches", batches)
+    outs = []
+    for bs in (16, 1):
+        outs.append(tmp_path / f"b{bs}.h5")
+        s = mine([listing], outs[-1], **tiny_settings(tiny_model, k=k, batch_size=bs))
+    assert_same_file(outs[0], outs[1])
+    corpus = discover([listing])
+    winners = np.unique(np.concatenate([ref[n][1][ref[n][1] >= 0] for n in layers]))
+    first = {}
+    for i in winners.tolist():
+        first.setdefault(corpus.file(i), i)
+    assert read[-1] == sorted(first.values())  # the last run's second pass: each file once
+    assert s.winner_images == len(first) < len(winners)
+    ds = CorpusDataset(corpus, size)
+    with patchmine.open(outs[0]) as r:
+        fill = [round(m * 255) for m in r.attrs["mean"]]
+        for n in layers:
+            lr = r.layer(n)
+            score, image, yx, a = ref[n]
+            assert_winners(lr, score, image, yx, n)
+            for ch in range(lr.channels):
+                heat, patches = lr.heat(ch), lr.patches(ch)
+                for slot in np.flatnonzero(image[ch] >= 0):
+                    i = int(image[ch, slot])
+                    want = a[i, ch].reshape(heat.shape[1:]).astype(np.float16)
+                    assert np.array_equal(heat[slot], want), (n, ch, slot)
+                    cut = reference_cut(
+                        ds[i]["pixels"][None],
+                        np.array([0]),
+                        lr.box[ch, slot][None],
+                        lr.patch_size,
+                        fill,
+                    )
+                    assert np.array_equal(patches[slot], cut[0].numpy()), (n, ch, slot)
 
 
 def test_sigkill_then_resume_gives_the_same_file(tmp_path, tiny_model):

@@ -115,6 +115,18 @@ def test_torchrun_rank_without_images(tmp_path, corpus2, tiny_model, single):
 
 
 @pytest.mark.slow
+def test_torchrun_list_repeating_its_files(tmp_path, corpus2, tiny_model, single):
+    """A list naming 2 files 3 times over 2 ranks: each winner file's copies are re-read by one
+    rank, and the file equals one process's."""
+    files = sorted(str(p) for p in corpus2.iterdir())
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(files * 3) + "\n")
+    out = tmp_path / "tr.h5"
+    _finish(_torchrun(2, [str(listing), "--out", str(out), *_cli_args(tiny_model, 1), "-q"]))
+    assert_same_file(single(listing, 1), out)
+
+
+@pytest.mark.slow
 def test_torchrun_shard_sigkill_then_resume_per_rank(tmp_path, tiny_model):
     """Shard 1/2 of 48 images (24:48) over 2 ranks (24:36, 36:48), killed, resumed per rank: the
     shard file equals the one a single process writes for that shard."""
