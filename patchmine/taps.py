@@ -577,8 +577,8 @@ def run_channels_last(
     """
     if x.device.type != "cpu" or choice is False:
         return module(x), choice
-    try:
-        return module(x.contiguous(memory_format=torch.channels_last)), True
+    try:  # nn.Module's call: a torch.fx GraphModule's own prints the error to stderr first
+        return nn.Module.__call__(module, x.contiguous(memory_format=torch.channels_last)), True
     except RuntimeError:
         if choice:  # chosen, or proven by an earlier input: a real error
             raise
