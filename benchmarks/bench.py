@@ -31,7 +31,7 @@ and reports medians of paired ratios, never a lone absolute time.
     python benchmarks/bench.py --only labels         # re-measure section 6 in docs/benchmarks.md
     python benchmarks/bench.py --only projections --projection-ks 1,9,100  # section 7, with k=100
 
-``--only e2e-process|labels|projections`` replaces that section (and its rows of the Targets
+``--only scaling|e2e-process|labels|projections`` replaces that section (and its rows of the Targets
 table) in ``--out`` and keeps the rest of the report.
 """
 
@@ -736,8 +736,7 @@ def _timed(cmd: list[str], env: dict) -> dict:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     out = {"wall_s": wall, "cpu_s": cpu, "sys_s": after.ru_stime - before.ru_stime}
-    # patchmine's summary: the first pass apart (with k > 1 the copies of a strong image fill its
-    # channels' top-k, so a longer list has more distinct winner indices for the second pass)
+    # patchmine's summary: the first pass apart
     got = re.search(
         r"mined (\d+) of \d+ images .*first pass ([\d.]+)s, second pass ([\d.]+)s over (\d+) "
         r"winner images, write ([\d.]+)s",
@@ -872,9 +871,10 @@ def report_process(d: dict) -> list[str]:
         "sensitive to other jobs); *whole run*: wall time of the limit loop over patchmine's on",
         f"the {hi}x list.",
         "",
-        "*first pass*: the same with patchmine's first pass alone (its summary line): with k = 9 the",
-        "copies of a channel's strongest image fill its top-k, so the longer list has more distinct",
-        "winner indices and a longer second pass.",
+        "*first pass*: the same with patchmine's first pass alone (its summary line). With k = 9",
+        "the copies of a channel's strongest image fill its top-k; the second pass reads each",
+        "winner file once for all its copies (before 2026-12-07 it read every copy, so the",
+        "longer list had a longer second pass).",
         "",
         f"| model | run | {lo}x wall s | {hi}x wall s | {hi}x sys s | marginal ms/image "
         "| first pass marginal ms/image |",
@@ -920,7 +920,7 @@ def report_process(d: dict) -> list[str]:
 
 
 def splice_section(
-    path: Path, section: list[str], targets: list[tuple] = (), stem: str = ""
+    path: Path, section: list[str], targets: list[tuple] = (), stem: str | tuple[str, ...] = ""
 ) -> str:
     """``path``'s text with ``section`` replaced (or added in its place by number), the rest kept;
     the Targets table's rows that start with ``stem`` replaced by ``targets``."""
@@ -949,9 +949,9 @@ def splice_section_text(text: str, section: list[str]) -> str:
     return "\n".join(lines[:start] + section + lines[end:])
 
 
-def splice_targets(text: str, targets: list[tuple], stem: str) -> str:
+def splice_targets(text: str, targets: list[tuple], stem: str | tuple[str, ...]) -> str:
     """The Targets table of ``text`` (made if missing) with its rows whose target starts with
-    ``stem`` replaced by ``targets``, where the first of them stood (else at the end)."""
+    ``stem`` (or any of several) replaced by ``targets``, where the first stood (else at the end)."""
     lines = text.rstrip("\n").split("\n")
     head = next((i for i, x in enumerate(lines) if x == "## Targets"), None)
     if head is None:
@@ -959,9 +959,10 @@ def splice_targets(text: str, targets: list[tuple], stem: str) -> str:
         head = len(lines) - 5
     end = next((i for i in range(head + 3, len(lines)) if not lines[i].startswith("|")), len(lines))
     rows = lines[head + 4 : end]  # after the heading, a blank line, the header and its rule
-    at = next((i for i, x in enumerate(rows) if x.startswith(f"| {stem}")), len(rows))
-    kept = [x for x in rows if not x.startswith(f"| {stem}")]
-    at -= sum(1 for x in rows[:at] if x.startswith(f"| {stem}"))
+    mine = tuple(f"| {s}" for s in ((stem,) if isinstance(stem, str) else stem))
+    at = next((i for i, x in enumerate(rows) if x.startswith(mine)), len(rows))
+    kept = [x for x in rows if not x.startswith(mine)]
+    at -= sum(1 for x in rows[:at] if x.startswith(mine))
     new = [f"| {t} | {val} | {ok(flag)} |" for t, val, flag in targets]
     return "\n".join(lines[: head + 4] + kept[:at] + new + kept[at:] + lines[end:]) + "\n"
 
@@ -969,6 +970,90 @@ def splice_targets(text: str, targets: list[tuple], stem: str) -> str:
 # ---------------------------------------------------------------------------------------- report
 def ok(flag: bool) -> str:
     return "met" if flag else "NOT met"
+
+
+_SCALING_STEMS = ("peak RSS", "time linear", "k=100 marginal")  # section 3's rows of Targets
+
+
+def report_scaling(s: dict) -> tuple[list[str], list[tuple]]:
+    """Section 3 and its targets."""
+    L, targets = [], []
+    runs = {(r["mult"], r["k"]): r for r in s["runs"]}
+    n0 = s["n0"]
+    L += [
+        "## 3. Scaling (separate `python -m patchmine mine` processes)",
+        "",
+        f"{s['model']}, a file list repeating the first {n0} corpus images 1x, 2x, 10x, 30x (the",
+        "duplicates tie and the first copy wins; with k > 1 the copies of a channel's strongest",
+        "image fill its top-k, and the second pass reads each winner file once for all its",
+        "copies). Peak RSS: the mining process's VmHWM (its DataLoader workers share most of",
+        "its pages). Rows run twice (1x and 10x for k = 9 and 100) show medians.",
+        "Marginal first-pass cost per image = (first pass at 10x - at 1x) / (9 x n).",
+        "",
+        "| corpus | k | images | wall s | first pass s | second pass s | write s | "
+        "winner images | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["runs"]:
+        L.append(
+            f"| {r['mult']}x | {r['k']} | {r['images']} | {r['wall_s']:.1f} | "
+            f"{r['first_s']:.1f} | {r['second_s']:.1f} | {r['write_s']:.1f} | "
+            f"{r['winners']:.0f} | {r['rss_mib']:.0f} |"
+        )
+    L.append("")
+
+    def marginal(k):
+        a, b = runs.get((1, k)), runs.get((10, k))
+        return (b["first_s"] - a["first_s"]) / (9 * n0) if a and b else float("nan")
+
+    L += ["| k | marginal first pass ms/image | per image at 1x | per image at 2x | "
+          "per image at 10x | per image at 30x |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for k in (1, 9, 100):
+        per = [
+            f"{1000 * runs[(mu, k)]['first_s'] / (n0 * mu):.1f}" if (mu, k) in runs else "-"
+            for mu in (1, 2, 10, 30)
+        ]
+        L.append(f"| {k} | {1000 * marginal(k):.1f} | " + " | ".join(per) + " |")
+    L.append("")
+    if (1, 9) in runs and (10, 9) in runs:
+        rss = runs[(10, 9)]["rss_mib"] / runs[(1, 9)]["rss_mib"]
+        targets.append(
+            (f"peak RSS 10x / 1x <= {TARGETS['rss']}", f"{rss:.3f}", rss <= TARGETS["rss"])
+        )
+    if (10, 9) in runs and (30, 9) in runs:
+        rss = runs[(30, 9)]["rss_mib"] / runs[(10, 9)]["rss_mib"]
+        targets.append(
+            (
+                f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)",
+                f"{rss:.3f}",
+                rss <= TARGETS["rss"],
+            )
+        )
+    if (30, 9) in runs and (10, 9) in runs and (1, 9) in runs:
+        # spans of 900 and 2000 images: a 1x -> 2x step (100 images, ~1 s) is mostly noise
+        # and warm-up (the first batches locate far more top-k entries). Below 1 is that
+        # warm-up amortizing over 1x -> 10x; above 1, a cost growing with the corpus.
+        m1_10 = (runs[(10, 9)]["first_s"] - runs[(1, 9)]["first_s"]) / (9 * n0)
+        m10_30 = (runs[(30, 9)]["first_s"] - runs[(10, 9)]["first_s"]) / (20 * n0)
+        lin = m10_30 / m1_10 if m1_10 > 0 else float("nan")
+        targets.append(
+            (
+                "time linear in corpus size: first-pass ms/image 10x->30x <= 1.1 x 1x->10x",
+                f"{lin:.3f}",
+                lin <= 1.1,
+            )
+        )
+    k9, k100 = marginal(9), marginal(100)
+    if k9 == k9 and k100 == k100:
+        r = k100 / k9
+        targets.append(
+            (
+                f"k=100 marginal first-pass cost <= {TARGETS['k100']} x k=9",
+                f"{r:.3f}",
+                r <= TARGETS["k100"],
+            )
+        )
+    return L, targets
 
 
 def report(ctx: dict) -> str:
@@ -1060,81 +1145,9 @@ def report(ctx: dict) -> str:
             )
         L.append("")
     if ctx.get("scaling"):
-        s = ctx["scaling"]
-        runs = {(r["mult"], r["k"]): r for r in s["runs"]}
-        n0 = s["n0"]
-        L += [
-            "## 3. Scaling (separate `python -m patchmine mine` processes)",
-            "",
-            f"{s['model']}, a file list repeating the first {n0} corpus images 1x, 2x, 10x, 30x (the",
-            "duplicates tie and the first copy wins; see the notes for k > 1). Peak RSS: the",
-            "mining process's VmHWM (its DataLoader workers share most of its pages). Rows run",
-            "twice (1x and 10x for k = 9 and 100) show medians.",
-            "Marginal first-pass cost per image = (first pass at 10x - at 1x) / (9 x n).",
-            "",
-            "| corpus | k | images | wall s | first pass s | second pass s | write s | "
-            "winner images | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in s["runs"]:
-            L.append(
-                f"| {r['mult']}x | {r['k']} | {r['images']} | {r['wall_s']:.1f} | "
-                f"{r['first_s']:.1f} | {r['second_s']:.1f} | {r['write_s']:.1f} | "
-                f"{r['winners']:.0f} | {r['rss_mib']:.0f} |"
-            )
-        L.append("")
-
-        def marginal(k):
-            a, b = runs.get((1, k)), runs.get((10, k))
-            return (b["first_s"] - a["first_s"]) / (9 * n0) if a and b else float("nan")
-
-        L += ["| k | marginal first pass ms/image | per image at 1x | per image at 2x | "
-              "per image at 10x | per image at 30x |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for k in (1, 9, 100):
-            per = [
-                f"{1000 * runs[(mu, k)]['first_s'] / (n0 * mu):.1f}" if (mu, k) in runs else "-"
-                for mu in (1, 2, 10, 30)
-            ]
-            L.append(f"| {k} | {1000 * marginal(k):.1f} | " + " | ".join(per) + " |")
-        L.append("")
-        if (1, 9) in runs and (10, 9) in runs:
-            rss = runs[(10, 9)]["rss_mib"] / runs[(1, 9)]["rss_mib"]
-            targets.append(
-                (f"peak RSS 10x / 1x <= {TARGETS['rss']}", f"{rss:.3f}", rss <= TARGETS["rss"])
-            )
-        if (10, 9) in runs and (30, 9) in runs:
-            rss = runs[(30, 9)]["rss_mib"] / runs[(10, 9)]["rss_mib"]
-            targets.append(
-                (
-                    f"peak RSS 30x / 10x <= {TARGETS['rss']} (bounded once warm)",
-                    f"{rss:.3f}",
-                    rss <= TARGETS["rss"],
-                )
-            )
-        if (30, 9) in runs and (10, 9) in runs and (1, 9) in runs:
-            # spans of 900 and 2000 images: a 1x -> 2x step (100 images, ~1 s) is mostly noise
-            # and warm-up (the first batches locate far more top-k entries). Below 1 is that
-            # warm-up amortizing over 1x -> 10x; above 1, a cost growing with the corpus.
-            m1_10 = (runs[(10, 9)]["first_s"] - runs[(1, 9)]["first_s"]) / (9 * n0)
-            m10_30 = (runs[(30, 9)]["first_s"] - runs[(10, 9)]["first_s"]) / (20 * n0)
-            lin = m10_30 / m1_10 if m1_10 > 0 else float("nan")
-            targets.append(
-                (
-                    "time linear in corpus size: first-pass ms/image 10x->30x <= 1.1 x 1x->10x",
-                    f"{lin:.3f}",
-                    lin <= 1.1,
-                )
-            )
-        k9, k100 = marginal(9), marginal(100)
-        if k9 == k9 and k100 == k100:
-            r = k100 / k9
-            targets.append(
-                (
-                    f"k=100 marginal first-pass cost <= {TARGETS['k100']} x k=9",
-                    f"{r:.3f}",
-                    r <= TARGETS["k100"],
-                )
-            )
+        lines, more = report_scaling(ctx["scaling"])
+        L += lines
+        targets += more
     if ctx.get("render"):
         e = ctx["e2e"][0]
         L += [
@@ -1188,7 +1201,7 @@ def main(argv=None) -> int:
         "--only",
         default=None,
         metavar="SECTION",
-        help="run one section alone; e2e-process, labels, projections update their part of "
+        help="run one section alone; scaling, e2e-process, labels, projections update their part of "
         "--out in place",
     )
     p.add_argument("--process-photos", type=int, default=250, help="section 5's photos")
@@ -1229,9 +1242,6 @@ def main(argv=None) -> int:
         "load_start": load_avg(),
         "quick": quick,
         "notes": [
-            "Scaling: with k > 1 the copies of a channel's strongest image tie with it and fill "
-            "its top-k, so the distinct winner indices (and the second pass) grow from 1x to 10x; "
-            "the first pass compares like for like (k = 1 keeps the same winners).",
             "k = 100 on 100-1000 images: k is close to the number of images seen, so most maps "
             "still enter the top-k (the cold phase, where every entry is located and merged); "
             "k = 100 can only cost as little as k = 9 once n >> k.",
@@ -1319,8 +1329,10 @@ def main(argv=None) -> int:
     ctx["load_end"] = load_avg()
     ctx["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
-    if sections <= {"e2e-process", "labels", "projections"}:  # the rest of the report stays
+    if sections <= {"scaling", "e2e-process", "labels", "projections"}:  # the rest stays
         parts = []
+        if ctx.get("scaling"):
+            parts.append(("3", *report_scaling(ctx["scaling"]), _SCALING_STEMS))
         if ctx.get("process"):  # its targets are in its own table
             parts.append(("5", report_process(ctx["process"]), [], ""))
         for key, number, section, stem in (
