@@ -27,6 +27,7 @@ from patchmine.geometry import Field, boxes
 
 if TYPE_CHECKING:
     from patchmine.projections import Projector
+    from patchmine.taps import Tap
 
 __all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass"]
 
@@ -228,7 +229,7 @@ def winner_files(corpus: Corpus, plans: list[LayerPlan]) -> tuple[np.ndarray, np
 
 @torch.inference_mode()
 def second_pass(
-    tap: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    tap: Tap,
     corpus: Corpus,
     input_size: int,
     plans: list[LayerPlan],
@@ -362,7 +363,7 @@ def second_pass(
             index = batch["index"].numpy()
             pixels = batch["pixels"].to(device, non_blocking=True)
             cpu = batch["pixels"].contiguous(memory_format=torch.channels_last)  # cut as NHWC rows
-            fill_batch(tap(pixels), index, cpu)
+            fill_batch(tap(pixels, contiguous=False), index, cpu)
             if projector is not None:
                 project_batch(index, pixels)
             bar.update(len(index))

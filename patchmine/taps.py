@@ -544,7 +544,10 @@ class Tap(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
-    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, contiguous: bool = True) -> dict[str, torch.Tensor]:
+        """Every tapped layer's float32 output for ``pixels`` (N, 3, S, S) uint8, contiguous (NCHW);
+        with ``contiguous=False`` in the memory format the model gave (channels-last on CPU),
+        which spares a transposing copy to callers that only index the maps (the second pass)."""
         n = pixels.shape[0]
         chunk = chunk_size(pixels.device)
         pad = -n % chunk
@@ -555,8 +558,10 @@ class Tap(nn.Module):
         last = n - chunk * (len(outs) - 1)  # real images in the last chunk
         views, acts = self.views, {}
         for k in self.layers:
-            a = views[k](_rows(outs, views[k].node, last)) if k in views else _rows(outs, k, last)
-            acts[k] = a.float().contiguous()
+            node = views[k].node if k in views else k
+            a = _rows(outs, node, last, contiguous)
+            a = (views[k](a) if k in views else a).float()
+            acts[k] = a.contiguous() if contiguous else a
         return acts
 
     def _extract(self, part: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -585,10 +590,15 @@ def run_channels_last(
         return module(x.contiguous()), False  # raises again if the format was not the cause
 
 
-def _rows(outs: list[dict[str, torch.Tensor]], node: str, last: int) -> torch.Tensor:
-    """A node's output from every chunk, stacked, without the last chunk's padding rows, contiguous."""
+def _rows(
+    outs: list[dict[str, torch.Tensor]], node: str, last: int, contiguous: bool = True
+) -> torch.Tensor:
+    """A node's output from every chunk, stacked, without the last chunk's padding rows,
+    contiguous (else in the chunks' memory format)."""
     parts = [o[node] for o in outs]
     parts[-1] = parts[-1][:last]
+    if not contiguous:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     if len(parts) == 1:
         return parts[0].contiguous()
     out = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))

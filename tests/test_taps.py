@@ -74,6 +74,9 @@ def test_tapped_values_do_not_depend_on_other_taps(case, capfd):
         tap = Tap(model, names, mean, std)
         together = tap(px)
         assert tap.channels_last == (case != "custom")
+        assert all(a.is_contiguous() for a in together.values())
+        as_run = tap(px, contiguous=False)  # the second pass's: the model's own memory format
+        assert all(torch.equal(as_run[n], together[n]) for n in names)
         for n in names:
             alone = Tap(model, [n], mean, std, channels_last=tap.channels_last)
             assert torch.equal(together[n], alone(px)[n]), n
