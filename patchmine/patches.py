@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from patchmine.projections import Projector
     from patchmine.taps import Tap
 
-__all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass"]
+__all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass", "winner_files"]
 
 
 class ScoreMismatch(RuntimeError):
