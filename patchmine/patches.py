@@ -287,8 +287,8 @@ def second_pass(
         read = first[np.searchsorted(ids, flat[entries])]  # the image forwarded for each entry
         order = np.argsort(read, kind="stable")
         owners[p.key] = (read[order], entries[order])  # sorted image ids, flat (c*k + slot) ids
-    ids = np.unique(first).tolist()
-    if not ids:
+    files = np.unique(first).tolist()  # the images read: one per winner file
+    if not files:
         return out
     made = loader is None  # ours to close: its persistent workers would outlive the pass
     if made:
@@ -349,9 +349,9 @@ def second_pass(
 
     from tqdm.auto import tqdm  # imported where used: startup
 
-    bar = tqdm(total=len(ids), desc="patches", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(files), desc="patches", unit="img", disable=not progress, leave=False)
     with contextlib.closing(loader) if made else contextlib.nullcontext():
-        for batch in loader.batches(ids):
+        for batch in loader.batches(files):
             if should_stop():
                 raise KeyboardInterrupt
             bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
