@@ -369,13 +369,17 @@ class _Batches:
 
     def __init__(self, batch_size: int):
         self.batch_size, self.indices = batch_size, []
+        self.first = batch_size  # the size of the batches that make up the first batch_size
 
     def __iter__(self):
-        for lo in range(0, len(self.indices), self.batch_size):
-            yield self.indices[lo : lo + self.batch_size]
+        lo = 0
+        while lo < len(self.indices):
+            size = self.first if lo < self.batch_size else self.batch_size
+            yield self.indices[lo : lo + size]
+            lo += size
 
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return sum(1 for _ in self)
 
 
 class CorpusLoader:
@@ -404,9 +408,14 @@ class CorpusLoader:
             **_loader_options(workers, pin_memory),
         )
 
-    def batches(self, indices: Sequence[int]):
-        """An iterator over the batches (dicts of `CorpusDataset` items, stacked) of ``indices``."""
+    def batches(self, indices: Sequence[int], first: int | None = None):
+        """An iterator over the batches (dicts of `CorpusDataset` items, stacked) of ``indices``.
+
+        ``first``: the first batch comes as batches of this many images, which the workers decode
+        at once (each worker makes whole batches), so that the model starts sooner.
+        """
         self._sampler.indices = [int(i) for i in indices]
+        self._sampler.first = first or self._sampler.batch_size
         return iter(self._loader)
 
     def close(self) -> None:

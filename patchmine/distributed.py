@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from patchmine.corpus import Corpus
 from patchmine.errors import UsageError
-from patchmine.patches import LayerPlan, Scratch, winner_files
+from patchmine.patches import LayerPlan, Scratch, SharedPatches, winner_files
 
 __all__ = ["Team", "launched", "from_env"]
 
@@ -124,7 +124,9 @@ class Team:
         ]
 
     def collect(
-        self, own: list[LayerPlan], cut: dict[str, tuple[Scratch, Scratch, Scratch | None]]
+        self,
+        own: list[LayerPlan],
+        cut: dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]],
     ) -> None:
         """Gather every rank's patches, heat maps and projections into rank 0's arrays ``cut``.
 

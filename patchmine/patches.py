@@ -1,11 +1,13 @@
 """The second pass: re-read each winner image once, cut its patches, capture heat maps, verify scores
 (and, with a projector, compute every entry's projection).
 
-Public names: LayerPlan, Scratch, ScoreMismatch, cut_patches, second_pass.
+Public names: LayerPlan, Scratch, SharedPatches, ScoreMismatch, cut_patches, second_pass,
+winner_files.
 
 Its cost follows the number of distinct winner images, not the corpus. Patches and heat maps go
 straight into scratch arrays in their final (C, k, ...) layout, files written with ``pwrite`` when
-large, so memory stays bounded by one batch however large a layer is.
+large, so memory stays bounded by one batch however large a layer is; a whole-field node's patches
+once per image (`SharedPatches`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ import torch.nn.functional as F
 
 from patchmine.corpus import Corpus, CorpusLoader
 from patchmine.geometry import Field, boxes
+from patchmine.taps import chunk_size
 
 if TYPE_CHECKING:
     from patchmine.projections import Projector
     from patchmine.taps import Tap
 
-__all__ = ["LayerPlan", "Scratch", "ScoreMismatch", "cut_patches", "second_pass", "winner_files"]
+__all__ = [
+    "LayerPlan",
+    "Scratch",
+    "SharedPatches",
+    "ScoreMismatch",
+    "cut_patches",
+    "second_pass",
+    "winner_files",
+]
 
 
 class ScoreMismatch(RuntimeError):
@@ -195,6 +206,50 @@ class Scratch:
             self._fd = -1
 
 
+class SharedPatches:
+    """A (C, k, P, P, 3) patch array whose entries share stored patches: every unit of a
+    whole-field node sees the whole input, so all of one image's entries hold the same patch. It is
+    stored once (a `Scratch` row) and the entries point at it; unset entries read as ``fill``.
+    """
+
+    def __init__(self, path: Path, shape: tuple, fill: tuple[int, int, int]):
+        self.shape, self.dtype = tuple(shape), np.dtype(np.uint8)
+        c, k = self.shape[:2]
+        rows = (c * k, 1, *self.shape[2:])  # at most one row per entry
+        self._rows = Scratch(path, rows, self.dtype)
+        self._row = np.full(c * k, -1, np.int64)
+        self._n = 0
+        self._fill = np.asarray(fill, self.dtype)
+
+    def share(self, entries: np.ndarray, which: np.ndarray, values: np.ndarray) -> None:
+        """Store ``values`` (U, ...) once each; flat entry ``entries[i]`` holds ``values[which[i]]``."""
+        rows = self._n + np.arange(len(values))
+        self._rows.put(rows, values)
+        self._row[np.asarray(entries, np.int64)] = rows[np.asarray(which)]
+        self._n += len(values)
+
+    def put(self, entries: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (M, ...) at flat entries ``entries`` (M,), each stored on its own."""
+        self.share(entries, np.arange(len(entries)), values)
+
+    def take(self, entries: np.ndarray) -> np.ndarray:
+        """The values at flat entries ``entries`` (M,), as (M, ...)."""
+        rows = self._row[np.asarray(entries, np.int64)]
+        out = np.empty((len(rows), *self.shape[2:]), self.dtype)
+        out[:] = self._fill
+        if (rows >= 0).any():
+            out[rows >= 0] = self._rows.take(rows[rows >= 0])
+        return out
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        """Channel ``c``: (k, ...)."""
+        k = self.shape[1]
+        return self.take(np.arange(int(c) * k, (int(c) + 1) * k))
+
+    def close(self) -> None:
+        self._rows.close()
+
+
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
@@ -245,7 +300,7 @@ def second_pass(
     jpeg_draft: bool = False,
     projector: Projector | None = None,
     loader: CorpusLoader | None = None,
-) -> dict[str, tuple[Scratch, Scratch, Scratch | None]]:
+) -> dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`);
@@ -258,13 +313,14 @@ def second_pass(
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
         heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16, or None without a
         projector or for a node it was not built for) as :class:`Scratch` arrays (files in
-        ``scratch`` when large). P' is the patch size, or the box size when the box is smaller.
+        ``scratch`` when large); a whole-field node's patches as :class:`SharedPatches`, one per
+        image. P' is the patch size, or the box size when the box is smaller.
         Unused slots hold the fill color (patch) and zeros (heat, projection). Every winner file
         of every plan (bottom-k ones included) is re-forwarded once (see `winner_files`), and
         every entry's score verified.
     """
     device = torch.device(device)
-    out: dict[str, tuple[Scratch, Scratch, Scratch | None]] = {}
+    out: dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ids, first = winner_files(corpus, plans)
     for p in plans:
@@ -272,14 +328,17 @@ def second_pass(
         rh, rw = p.field.size
         ph, pw = (p.patch_size, p.patch_size) if max(rh, rw) > p.patch_size else (rh, rw)
         safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
-        patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
+        if p.field.whole:  # one patch per image, shared by its entries
+            patch = SharedPatches(scratch / f"{safe}.patch", (c, k, ph, pw, 3), fill)
+        else:
+            patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         proj = None
         if projector is not None and p.name in projector.layers:
             proj = Scratch(scratch / f"{safe}.projection", (c, k, ph, pw, 3), np.float16)
         flat = p.image.reshape(-1)
         unused = np.flatnonzero(flat < 0)
-        if len(unused):  # empty slots: fill
+        if len(unused) and not p.field.whole:  # empty slots: fill
             color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
             patch.put(unused, color)
         out[p.key] = (patch, heat, proj)
@@ -328,6 +387,11 @@ def second_pass(
             patch, heat, _ = out[p.key]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
+            if p.field.whole:  # every entry of an image: the same whole-input patch
+                used, which = np.unique(row, return_inverse=True)
+                cut = cut_patches(pixels_cpu, used, bx[: len(used)], p.patch_size, fill)
+                patch.share(e, which.reshape(-1), cut.numpy())
+                continue
             for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
                 part = slice(lo, lo + _CHUNK)
                 cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
@@ -351,7 +415,7 @@ def second_pass(
 
     bar = tqdm(total=len(files), desc="patches", unit="img", disable=not progress, leave=False)
     with contextlib.closing(loader) if made else contextlib.nullcontext():
-        for batch in loader.batches(files):
+        for batch in loader.batches(files, first=chunk_size(device)):
             if should_stop():
                 raise KeyboardInterrupt
             bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]

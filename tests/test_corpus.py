@@ -179,8 +179,10 @@ def test_corpus_loader_serves_every_pass_from_the_same_workers(tmp_path):
     ds = CorpusDataset(corpus, 32)
     loader = CorpusLoader(corpus, 32, batch_size=4, workers=2)
     before, seen = {p.pid for p in multiprocessing.active_children()}, []
-    for want in (range(6), [5, 1, 3], [2]):
-        got = list(loader.batches(want))
+    passes = ((range(6), None, [4, 2]), ([5, 1, 3, 0, 4, 2], 1, [1, 1, 1, 1, 2]), ([2], 2, [1]))
+    for want, first, sizes in passes:
+        got = list(loader.batches(want, first=first))  # first: the first batch in parts
+        assert [len(b["index"]) for b in got] == sizes
         assert [int(i) for b in got for i in b["index"]] == list(want)
         pixels = torch.cat([b["pixels"] for b in got])
         assert torch.equal(pixels, torch.stack([ds[i]["pixels"] for i in want]))

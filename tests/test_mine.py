@@ -280,9 +280,9 @@ def test_a_listed_file_is_forwarded_once_for_all_its_copies(
     read = []
     real = CorpusLoader.batches
 
-    def batches(self, indices):
+    def batches(self, indices, **kw):
         read.append([int(i) for i in indices])
-        return real(self, indices)
+        return real(self, indices, **kw)
 
     monkeypatch.setattr(CorpusLoader, "batches", batches)
     outs = []
