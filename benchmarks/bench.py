@@ -874,7 +874,8 @@ def report_process(d: dict) -> list[str]:
         "*first pass*: the same with patchmine's first pass alone (its summary line). With k = 9",
         "the copies of a channel's strongest image fill its top-k; the second pass reads each",
         "winner file once for all its copies (before 2026-12-07 it read every copy, so the",
-        "longer list had a longer second pass).",
+        "longer list had a longer second pass), and cuts a whole-field node's patch (the whole",
+        "input) once per image, not once per entry (since 2026-12-07, later that day).",
         "",
         f"| model | run | {lo}x wall s | {hi}x wall s | {hi}x sys s | marginal ms/image "
         "| first pass marginal ms/image |",
