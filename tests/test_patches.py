@@ -96,22 +96,23 @@ def test_scratch_put_take_read(tmp_path, in_memory):
     s.close()
 
 
-@pytest.mark.parametrize("k", [3, 200], ids=["memory", "file"])
-def test_shared_patches_read_as_the_array_they_stand_for(tmp_path, k):
+@pytest.mark.parametrize(("k", "size"), [(3, 6), (100, 64)], ids=["memory", "file"])
+def test_shared_patches_read_as_the_array_they_stand_for(tmp_path, k, size):
     """Entries pointing at shared patches (and ones put on their own, as torchrun's rank 0 gets
     them) read back as a dense (C, k, P, P, 3) array; unset entries hold the fill color."""
-    shape, fill = (4, k, 6, 6, 3), (124, 116, 104)
+    shape, fill = (4, k, size, size, 3), (124, 116, 104)  # file: over Scratch's 4 MB in memory
     s = SharedPatches(tmp_path / "x", shape, fill)
+    assert (s._rows._array is None) == (size == 64)
     ref = np.broadcast_to(np.asarray(fill, np.uint8), shape).copy()
-    flat = ref.reshape(-1, 6, 6, 3)
+    flat = ref.reshape(-1, size, size, 3)
     g = np.random.default_rng(1)
-    images = g.integers(0, 255, (3, 6, 6, 3), dtype=np.uint8)
+    images = g.integers(0, 255, (3, size, size, 3), dtype=np.uint8)
     shared = np.asarray([0, 5, 2, k + 1, 3 * k])  # three images over five entries
     which = np.asarray([2, 0, 2, 1, 0])
     s.share(shared, which, images)
     flat[shared] = images[which]
     alone = np.asarray([4 * k - 1, 1])
-    v = g.integers(0, 255, (2, 6, 6, 3), dtype=np.uint8)
+    v = g.integers(0, 255, (2, size, size, 3), dtype=np.uint8)
     s.put(alone, v)
     flat[alone] = v
     for c in range(4):
