@@ -875,7 +875,9 @@ def report_process(d: dict) -> list[str]:
         "the copies of a channel's strongest image fill its top-k; the second pass reads each",
         "winner file once for all its copies (before 2026-12-07 it read every copy, so the",
         "longer list had a longer second pass), and cuts a whole-field node's patch (the whole",
-        "input) once per image, not once per entry (since 2026-12-07, later that day).",
+        "input) once per image, not once per entry (since 2026-12-07, later that day). Since",
+        "the third session of 2026-12-07 the workers decode its first images while the first",
+        "pass's checkpoint is saved, and fields larger than the input are cut in one gather.",
         "",
         f"| model | run | {lo}x wall s | {hi}x wall s | {hi}x sys s | marginal ms/image "
         "| first pass marginal ms/image |",

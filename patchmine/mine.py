@@ -184,6 +184,8 @@ def mine(
         t1 = time.perf_counter()
         if miner.cursor < miner.span.stop:
             miner.first_pass(batch_size, workers, progress, stop_flag, save, checkpoint_every)
+            if team is None:  # the workers decode the first winner images during the save
+                miner.read_ahead(batch_size, workers)
             save()
         if team is not None:
             team.combine(miner)  # rank 0 now holds every rank's first pass

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from patchmine.geometry import inside_fraction
 from patchmine.labels import ClassMeans, layer_channel_names
 from patchmine.maps import Maps, reduce_maps
 from patchmine.models import load_model
-from patchmine.patches import LayerPlan, second_pass, winner_files
+from patchmine.patches import LayerPlan, second_pass, winner_batches, winner_files
 from patchmine.projections import Projector, check_method
 from patchmine.stats import RunningStats
 from patchmine.taps import Tap, select_layers
@@ -221,6 +221,7 @@ class Miner:
         self.transform = np.zeros((n, 4), dtype=np.float32)
         self.error = [""] * n
         self._loader: tuple[tuple[int, int], CorpusLoader] | None = None  # both passes' workers
+        self._ahead: Iterator[dict] | None = None  # the second pass's batches, read ahead
 
     def _projected(self, names: Sequence[str] | None) -> list[str]:
         """The mined layers that get projections, in mining order (all of them by default)."""
@@ -379,6 +380,15 @@ class Miner:
                 if checkpoint and checkpoint_every and batches % checkpoint_every == 0:
                     checkpoint()
 
+    def read_ahead(self, batch_size: int, workers: int) -> None:
+        """Start reading the second pass's winner images: the workers decode the first of them
+        while the caller goes on (`mine` saves the first pass's checkpoint). Not for a torchrun
+        rank, whose winners are known only once its team has combined its first passes."""
+        plans = self.plans()
+        self._ahead = winner_batches(
+            self.loader(batch_size, workers), self.corpus, plans, self.device
+        )
+
     def loader(self, batch_size: int, workers: int) -> CorpusLoader:
         """The corpus loader of this run: one set of worker processes for both passes."""
         key = (batch_size, workers)
@@ -392,6 +402,7 @@ class Miner:
 
     def close(self) -> None:
         """End the loader's worker processes (`finish` does; so does `mine`, however it stops)."""
+        self._ahead = None
         if self._loader is not None:
             self._loader[1].close()
             self._loader = None
@@ -537,7 +548,9 @@ class Miner:
                 jpeg_draft=self.jpeg_draft,
                 projector=projector,
                 loader=self.loader(batch_size, workers),
+                batches=self._ahead if team is None else None,
             )
+            self._ahead = None
             self.close()  # the workers are done: they end before the write
             if team is not None:
                 team.collect(own, cut)

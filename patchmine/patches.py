@@ -2,7 +2,7 @@
 (and, with a projector, compute every entry's projection).
 
 Public names: LayerPlan, Scratch, SharedPatches, ScoreMismatch, cut_patches, second_pass,
-winner_files.
+winner_batches, winner_files.
 
 Its cost follows the number of distinct winner images, not the corpus. Patches and heat maps go
 straight into scratch arrays in their final (C, k, ...) layout, files written with ``pwrite`` when
@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,7 @@ __all__ = [
     "ScoreMismatch",
     "cut_patches",
     "second_pass",
+    "winner_batches",
     "winner_files",
 ]
 
@@ -72,19 +73,25 @@ def _windows(
     """(M, h, w, 3) windows of (U, H, W, 3) ``images`` at top-left (y0, x0), ``fill`` outside.
 
     Windows inside their image are gathered in one indexing of a strided view (each window row is
-    one block copy); the few that run off an edge are filled and their overlap copied one by one.
+    one block copy); when all run off an edge (a field larger than the input), from copies of the
+    images framed in ``fill``; else the few that do are filled and their overlap copied one by one.
     """
-    h, w = size
     src = images.contiguous().numpy()  # free for a channels_last batch
-    u, ih, iw, _ = src.shape
-    out = np.empty((len(which), h, w, 3), src.dtype)
+    (h, w), (u, ih, iw, _) = size, src.shape
     inside = (y0 >= 0) & (x0 >= 0) & (y0 + h <= ih) & (x0 + w <= iw)
-    if inside.any():
-        b, r, c, _ = src.strides
-        view = np.lib.stride_tricks.as_strided(
-            src, (u, ih - h + 1, iw - w + 1, h, w * 3), (b, r, c, r, src.itemsize), writeable=False
-        )
-        out[inside] = view[which[inside], y0[inside], x0[inside]].reshape(-1, h, w, 3)
+    if inside.all():
+        return torch.from_numpy(_gather(src, which, y0, x0, size))
+    if not inside.any():  # a field larger than the input: frame the images in fill, then gather
+        used, where = np.unique(which, return_inverse=True)
+        top, left = max(0, -int(y0.min())), max(0, -int(x0.min()))
+        fh, fw = max(top + ih, int(y0.max()) + top + h), max(left + iw, int(x0.max()) + left + w)
+        framed = np.empty((len(used), fh, fw * 3), src.dtype)
+        framed[...] = np.tile(np.asarray(fill, src.dtype), fw)  # rows of fill, one copy each
+        framed = framed.reshape(len(used), fh, fw, 3)
+        framed[:, top : top + ih, left : left + iw] = src[used]
+        return torch.from_numpy(_gather(framed, where.reshape(-1), y0 + top, x0 + left, size))
+    out = np.empty((len(which), h, w, 3), src.dtype)
+    out[inside] = _gather(src, which[inside], y0[inside], x0[inside], size)
     rows_out, rows_src = out.reshape(len(which), h, w * 3), src.reshape(u, ih, iw * 3)
     color = np.tile(np.asarray(fill, src.dtype), w)  # a window row of fill
     for i in np.flatnonzero(~inside).tolist():  # rows as (w * 3) runs: numpy copies them whole
@@ -97,6 +104,16 @@ def _windows(
                 which[i], ya:yb, xa * 3 : xb * 3
             ]
     return torch.from_numpy(out)
+
+
+def _gather(src: np.ndarray, which: np.ndarray, y0: np.ndarray, x0: np.ndarray, size) -> np.ndarray:
+    """The (M, h, w, 3) windows of (U, H, W, 3) ``src`` at (y0, x0), all inside their image."""
+    (h, w), (u, ih, iw, _) = size, src.shape
+    b, r, c, _ = src.strides
+    view = np.lib.stride_tricks.as_strided(
+        src, (u, ih - h + 1, iw - w + 1, h, w * 3), (b, r, c, r, src.itemsize), writeable=False
+    )
+    return view[which, y0, x0].reshape(-1, h, w, 3)
 
 
 def cut_patches(
@@ -282,6 +299,15 @@ def winner_files(corpus: Corpus, plans: list[LayerPlan]) -> tuple[np.ndarray, np
     return ids, first
 
 
+def winner_batches(
+    loader: CorpusLoader, corpus: Corpus, plans: list[LayerPlan], device: str | torch.device
+) -> Iterator[dict]:
+    """The second pass's batches of the plans' winner files, their reading begun: the loader's
+    workers decode the first ones while the caller goes on (`Miner.read_ahead`)."""
+    files = np.unique(winner_files(corpus, plans)[1]).tolist()
+    return loader.batches(files, first=chunk_size(device))
+
+
 @torch.inference_mode()
 def second_pass(
     tap: Tap,
@@ -300,11 +326,13 @@ def second_pass(
     jpeg_draft: bool = False,
     projector: Projector | None = None,
     loader: CorpusLoader | None = None,
+    batches: Iterator[dict] | None = None,
 ) -> dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`);
-    a ``loader`` (the first pass's, with its workers) replaces them, ``batch_size`` and ``workers``.
+    a ``loader`` (the first pass's, with its workers) replaces them, ``batch_size`` and ``workers``;
+    ``batches`` (`winner_batches` of the same plans, on that loader) replaces the loader.
     With a ``projector`` (built for some or all of the plans' nodes), every entry of its nodes has
     its projection computed from the same batch of pixels (batched backwards, see
     `patchmine.projections.Projector.project`) and cut like its patch.
@@ -349,11 +377,13 @@ def second_pass(
     files = np.unique(first).tolist()  # the images read: one per winner file
     if not files:
         return out
-    made = loader is None  # ours to close: its persistent workers would outlive the pass
+    made = loader is None and batches is None  # ours to close: its workers outlive the pass
     if made:
         loader = CorpusLoader(
             corpus, input_size, resize, jpeg_draft, batch_size, workers, device.type == "cuda"
         )
+    if batches is None:
+        batches = winner_batches(loader, corpus, plans, device)
 
     def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's flat entries whose image is in the batch, and their rows in it."""
@@ -414,8 +444,9 @@ def second_pass(
     from tqdm.auto import tqdm  # imported where used: startup
 
     bar = tqdm(total=len(files), desc="patches", unit="img", disable=not progress, leave=False)
+    chunk = chunk_size(device)
     with contextlib.closing(loader) if made else contextlib.nullcontext():
-        for batch in loader.batches(files, first=chunk_size(device)):
+        for batch in batches:
             if should_stop():
                 raise KeyboardInterrupt
             bad = [int(i) for i, ok in zip(batch["index"], batch["ok"], strict=True) if not ok]
@@ -427,7 +458,9 @@ def second_pass(
             index = batch["index"].numpy()
             pixels = batch["pixels"].to(device, non_blocking=True)
             cpu = batch["pixels"].contiguous(memory_format=torch.channels_last)  # cut as NHWC rows
-            fill_batch(tap(pixels, contiguous=False), index, cpu)
+            for at in range(0, len(index), chunk):  # the tap's chunks: no copy to stack them
+                part = slice(at, at + chunk)
+                fill_batch(tap(pixels[part], contiguous=False), index[part], cpu[part])
             if projector is not None:
                 project_batch(index, pixels)
             bar.update(len(index))
