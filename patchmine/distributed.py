@@ -126,7 +126,7 @@ class Team:
     def collect(
         self,
         own: list[LayerPlan],
-        cut: dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]],
+        cut: dict[str, tuple[SharedPatches, Scratch, Scratch | None]],
     ) -> None:
         """Gather every rank's patches, heat maps and projections into rank 0's arrays ``cut``.
 

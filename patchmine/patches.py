@@ -224,8 +224,9 @@ class Scratch:
 
 
 class SharedPatches:
-    """A (C, k, P, P, 3) patch array whose entries share stored patches: every unit of a
-    whole-field node sees the whole input, so all of one image's entries hold the same patch. It is
+    """A (C, k, P, P, 3) patch array whose entries share stored patches: the entries of one image
+    at one place (one box) hold the same patch, in many channels of a deep layer, and every unit
+    of a whole-field node sees the whole input, so all of one image's entries do. Each patch is
     stored once (a `Scratch` row) and the entries point at it; unset entries read as ``fill``.
     """
 
@@ -252,10 +253,11 @@ class SharedPatches:
     def take(self, entries: np.ndarray) -> np.ndarray:
         """The values at flat entries ``entries`` (M,), as (M, ...)."""
         rows = self._row[np.asarray(entries, np.int64)]
+        if (rows >= 0).all():
+            return self._rows.take(rows)
         out = np.empty((len(rows), *self.shape[2:]), self.dtype)
         out[:] = self._fill
-        if (rows >= 0).any():
-            out[rows >= 0] = self._rows.take(rows[rows >= 0])
+        out[rows >= 0] = self._rows.take(rows[rows >= 0])
         return out
 
     def __getitem__(self, c: int) -> np.ndarray:
@@ -327,7 +329,7 @@ def second_pass(
     projector: Projector | None = None,
     loader: CorpusLoader | None = None,
     batches: Iterator[dict] | None = None,
-) -> dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]]:
+) -> dict[str, tuple[SharedPatches, Scratch, Scratch | None]]:
     """Re-forward each winner image once and fill every layer's patches and heat maps.
 
     ``input_size`` and ``resize`` preprocess the images as the first pass did (`CorpusDataset`);
@@ -341,14 +343,14 @@ def second_pass(
         plan key (`LayerPlan.key`: the node, or NODE/bottom) -> (patch (C, k, P', P', 3) uint8,
         heat (C, k, H, W) float16, projection (C, k, P', P', 3) float16, or None without a
         projector or for a node it was not built for) as :class:`Scratch` arrays (files in
-        ``scratch`` when large); a whole-field node's patches as :class:`SharedPatches`, one per
-        image. P' is the patch size, or the box size when the box is smaller.
+        ``scratch`` when large), the patches as :class:`SharedPatches`, one per image and box.
+        P' is the patch size, or the box size when the box is smaller.
         Unused slots hold the fill color (patch) and zeros (heat, projection). Every winner file
         of every plan (bottom-k ones included) is re-forwarded once (see `winner_files`), and
         every entry's score verified.
     """
     device = torch.device(device)
-    out: dict[str, tuple[Scratch | SharedPatches, Scratch, Scratch | None]] = {}
+    out: dict[str, tuple[SharedPatches, Scratch, Scratch | None]] = {}
     owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ids, first = winner_files(corpus, plans)
     for p in plans:
@@ -356,19 +358,12 @@ def second_pass(
         rh, rw = p.field.size
         ph, pw = (p.patch_size, p.patch_size) if max(rh, rw) > p.patch_size else (rh, rw)
         safe = p.name.replace(os.sep, "_") + (".bottom" if p.bottom else "")
-        if p.field.whole:  # one patch per image, shared by its entries
-            patch = SharedPatches(scratch / f"{safe}.patch", (c, k, ph, pw, 3), fill)
-        else:
-            patch = Scratch(scratch / f"{safe}.patch", (c, k, ph, pw, 3), np.uint8)
+        patch = SharedPatches(scratch / f"{safe}.patch", (c, k, ph, pw, 3), fill)
         heat = Scratch(scratch / f"{safe}.heat", (c, k, *p.fmap_hw), np.float16)
         proj = None
         if projector is not None and p.name in projector.layers:
             proj = Scratch(scratch / f"{safe}.projection", (c, k, ph, pw, 3), np.float16)
         flat = p.image.reshape(-1)
-        unused = np.flatnonzero(flat < 0)
-        if len(unused) and not p.field.whole:  # empty slots: fill
-            color = np.broadcast_to(np.asarray(fill, np.uint8), (len(unused), ph, pw, 3))
-            patch.put(unused, color)
         out[p.key] = (patch, heat, proj)
         entries = np.flatnonzero(flat >= 0)
         read = first[np.searchsorted(ids, flat[entries])]  # the image forwarded for each entry
@@ -417,15 +412,16 @@ def second_pass(
             patch, heat, _ = out[p.key]
             heat.put(e, a[row, ch].to(torch.float16).cpu().numpy())
             bx = boxes(p.field, yx)
-            if p.field.whole:  # every entry of an image: the same whole-input patch
-                used, which = np.unique(row, return_inverse=True)
-                cut = cut_patches(pixels_cpu, used, bx[: len(used)], p.patch_size, fill)
-                patch.share(e, which.reshape(-1), cut.numpy())
-                continue
-            for lo in range(0, len(e), _CHUNK):  # bounded memory on layers with many channels
-                part = slice(lo, lo + _CHUNK)
-                cut = cut_patches(pixels_cpu, row[part], bx[part], p.patch_size, fill)
-                patch.put(e[part], cut.numpy())
+            # entries of one image at one place share a patch (of a whole-field node: all of them)
+            h, w = p.fmap_hw
+            key = row if p.field.whole else (row * h + yx[:, 0]) * w + yx[:, 1]
+            _, one, which = np.unique(key, return_index=True, return_inverse=True)
+            which = which.reshape(-1)
+            for lo in range(0, len(one), _CHUNK):  # bounded memory on layers with many channels
+                pick = one[lo : lo + _CHUNK]
+                cut = cut_patches(pixels_cpu, row[pick], bx[pick], p.patch_size, fill)
+                at = (which >= lo) & (which < lo + len(pick))
+                patch.share(e[at], which[at] - lo, cut.numpy())
 
     def project_batch(index: np.ndarray, pixels: torch.Tensor) -> None:
         from patchmine.projections import cut_projections
