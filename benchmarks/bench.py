@@ -877,7 +877,8 @@ def report_process(d: dict) -> list[str]:
         "longer list had a longer second pass), and cuts a whole-field node's patch (the whole",
         "input) once per image, not once per entry (since 2026-12-07, later that day). Since",
         "the third session of 2026-12-07 the workers decode its first images while the first",
-        "pass's checkpoint is saved, and fields larger than the input are cut in one gather.",
+        "pass's checkpoint is saved, fields larger than the input are cut in one gather, and",
+        "each patch is cut and stored once per image and box (copies in a list share theirs).",
         "",
         f"| model | run | {lo}x wall s | {hi}x wall s | {hi}x sys s | marginal ms/image "
         "| first pass marginal ms/image |",

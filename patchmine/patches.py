@@ -4,10 +4,10 @@
 Public names: LayerPlan, Scratch, SharedPatches, ScoreMismatch, cut_patches, second_pass,
 winner_batches, winner_files.
 
-Its cost follows the number of distinct winner images, not the corpus. Patches and heat maps go
-straight into scratch arrays in their final (C, k, ...) layout, files written with ``pwrite`` when
-large, so memory stays bounded by one batch however large a layer is; a whole-field node's patches
-once per image (`SharedPatches`).
+Its cost follows the number of distinct winner images, not the corpus. Heat maps go straight into
+scratch arrays in their final (C, k, ...) layout, files written with ``pwrite`` when large, so
+memory stays bounded by one batch however large a layer is; patches likewise, each cut and stored
+once per image and box and shared by the entries that hold it (`SharedPatches`).
 """
 
 from __future__ import annotations
