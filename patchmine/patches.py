@@ -272,8 +272,13 @@ class SharedPatches:
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:_WRITE], offset)
         view, offset = view[n:], offset + n
+
+
+# Bytes per pwrite: here the page cache took 135 MB of lite0's patches in 0.18-0.30 s as 28 MB
+# writes and in 0.04 s as 1 MB ones (measured, not explained; the dirty-page throttling, perhaps).
+_WRITE = 1 << 20
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
