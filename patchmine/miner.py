@@ -530,6 +530,7 @@ class Miner:
                 max_rows=batch_size,
                 views=self.views,
             )
+        ahead, self._ahead = (self._ahead if team is None else None), None
         try:
             t0 = time.perf_counter()
             cut = second_pass(
@@ -548,9 +549,8 @@ class Miner:
                 jpeg_draft=self.jpeg_draft,
                 projector=projector,
                 loader=self.loader(batch_size, workers),
-                batches=self._ahead if team is None else None,
+                batches=ahead,
             )
-            self._ahead = None
             self.close()  # the workers are done: they end before the write
             if team is not None:
                 team.collect(own, cut)

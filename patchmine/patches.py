@@ -382,8 +382,9 @@ def second_pass(
         loader = CorpusLoader(
             corpus, input_size, resize, jpeg_draft, batch_size, workers, device.type == "cuda"
         )
+    chunk = chunk_size(device)
     if batches is None:
-        batches = winner_batches(loader, corpus, plans, device)
+        batches = loader.batches(files, first=chunk)  # what `winner_batches` gives, from `files`
 
     def entries(p: LayerPlan, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's flat entries whose image is in the batch, and their rows in it."""
@@ -445,7 +446,6 @@ def second_pass(
     from tqdm.auto import tqdm  # imported where used: startup
 
     bar = tqdm(total=len(files), desc="patches", unit="img", disable=not progress, leave=False)
-    chunk = chunk_size(device)
     with contextlib.closing(loader) if made else contextlib.nullcontext():
         for batch in batches:
             if should_stop():
